@@ -1,0 +1,136 @@
+"""Value checks on a composed :class:`~free.config.schema.Config`.
+
+Types and unknown keys are already caught when the YAML tree is merged onto the schema; here we
+check ranges, choices and rules that span groups. Every message starts with the full key, so a user
+can fix the right override without reading code. Checks that need the data (e.g. ``n_way`` against
+the number of classes of a split) are made by the data layer when it loads the split.
+"""
+
+from __future__ import annotations
+
+import re
+
+from free.config.schema import Config
+from free.data import DATASET_NAMES, NATIVE_CHANNELS
+from free.models import CLASSIFIER_ARCHS
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid. The message names the offending key(s)."""
+
+
+INVERSION_MODES = ("meta", "from_scratch", "pixels")
+OUTER_UPDATES = ("gradient", "reptile")
+HEADS = ("linear", "proto")
+METALEARN_DATA = ("pseudo", "real")
+METHODS = ("free", "free_noalign", "scratch", "pixels", "random_init", "oracle")
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def validate(cfg: Config) -> Config:
+    """Check a composed config; return it unchanged or raise :class:`ConfigError` listing all problems."""
+    errors: list[str] = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            errors.append(f"{key}: {message}")
+
+    def at_least(key: str, value: float, low: float) -> None:
+        need(value >= low, key, f"must be >= {low}, got {value}")
+
+    def positive(key: str, value: float) -> None:
+        need(value > 0, key, f"must be > 0, got {value}")
+
+    def one_of(key: str, value: str, choices: tuple[str, ...], what: str = "value") -> None:
+        need(value in choices, key, f"{value!r} is not a known {what}; choose one of: {', '.join(choices)}")
+
+    need(bool(_DEVICE.match(cfg.device)), "device", f"{cfg.device!r} is not cpu, mps, cuda or cuda:N")
+    need(cfg.threads is None or cfg.threads >= 1, "threads", f"must be >= 1 or null, got {cfg.threads}")
+
+    ds = cfg.dataset
+    one_of("dataset.name", ds.name, DATASET_NAMES, "data set")
+    need(ds.image_size >= 8 and ds.image_size % 4 == 0, "dataset.image_size",
+         f"must be a multiple of 4 and >= 8 (the generator upsamples s/4 twice), got {ds.image_size}")
+    native = NATIVE_CHANNELS.get(ds.name, ds.channels)
+    need(ds.channels == native, "dataset.channels", f"{ds.name} images have {native} channel(s), got {ds.channels}")
+    need(0 < ds.split.train < 1 and 0 < ds.split.val < 1 and ds.split.train + ds.split.val < 1,
+         "dataset.split", f"train and val fractions must be in (0, 1) and leave classes for test, "
+         f"got train={ds.split.train} val={ds.split.val}")
+    for key, stats in (("dataset.mean", ds.mean), ("dataset.std", ds.std)):
+        need(len(stats) == ds.channels, key, f"needs one value per channel ({ds.channels}), got {len(stats)}")
+    need(all(s > 0 for s in ds.std), "dataset.std", f"must be > 0, got {ds.std}")
+
+    one_of("model.arch", cfg.model.arch, CLASSIFIER_ARCHS, "architecture")
+    at_least("model.width", cfg.model.width, 1)
+    one_of("model.head", cfg.model.head, HEADS, "head")
+
+    t = cfg.teachers
+    at_least("teachers.n_teachers", t.n_teachers, 1)
+    at_least("teachers.n_way", t.n_way, 2)
+    need(len(t.archs) > 0, "teachers.archs", "needs at least one architecture")
+    for i, arch in enumerate(t.archs):
+        one_of(f"teachers.archs[{i}]", arch, CLASSIFIER_ARCHS, "architecture")
+    at_least("teachers.width", t.width, 1)
+    at_least("teachers.max_epochs", t.max_epochs, 1)
+    at_least("teachers.patience", t.patience, 0)
+    positive("teachers.lr", t.lr)
+    at_least("teachers.batch_size", t.batch_size, 1)
+    need(0 < t.holdout_fraction < 1, "teachers.holdout_fraction", f"must be in (0, 1), got {t.holdout_fraction}")
+
+    inv = cfg.inversion
+    one_of("inversion.mode", inv.mode, INVERSION_MODES, "inversion mode")
+    at_least("inversion.latent_dim", inv.latent_dim, 1)
+    at_least("inversion.inner_steps", inv.inner_steps, 1)
+    positive("inversion.inner_lr", inv.inner_lr)
+    need(len(inv.betas) == 2 and all(0 <= b < 1 for b in inv.betas), "inversion.betas",
+         f"must be two values in [0, 1), got {inv.betas}")
+    positive("inversion.outer_lr", inv.outer_lr)
+    one_of("inversion.outer_update", inv.outer_update, OUTER_UPDATES, "outer update")
+    at_least("inversion.teachers_per_step", inv.teachers_per_step, 1)
+    need(inv.teachers_per_step <= t.n_teachers, "inversion.teachers_per_step",
+         f"{inv.teachers_per_step} is more than the zoo has (teachers.n_teachers={t.n_teachers})")
+    at_least("inversion.images_per_class", inv.images_per_class, 1)
+    at_least("inversion.scratch_steps", inv.scratch_steps, 1)
+    for term in ("ce", "bn", "tv", "adv"):
+        at_least(f"inversion.loss.{term}", getattr(inv.loss, term), 0)
+    at_least("inversion.adv_warmup", inv.adv_warmup, 0)
+
+    tc = cfg.taskcache
+    at_least("taskcache.slots", tc.slots, 1)
+    at_least("taskcache.images_per_slot", tc.images_per_slot, 1)
+
+    ml = cfg.metalearn
+    at_least("metalearn.n_way", ml.n_way, 2)
+    at_least("metalearn.k_shot", ml.k_shot, 1)
+    at_least("metalearn.q_query", ml.q_query, 1)
+    at_least("metalearn.inner_steps", ml.inner_steps, 1)
+    positive("metalearn.inner_lr", ml.inner_lr)
+    positive("metalearn.outer_lr", ml.outer_lr)
+    at_least("metalearn.meta_batch", ml.meta_batch, 1)
+    at_least("metalearn.iterations", ml.iterations, 0)
+    at_least("metalearn.distill", ml.distill, 0)
+    one_of("metalearn.data", ml.data, METALEARN_DATA, "data source")
+    at_least("metalearn.val_every", ml.val_every, 1)
+    at_least("metalearn.val_episodes", ml.val_episodes, 1)
+    if not tc.mix_teachers:
+        need(ml.n_way <= t.n_way, "metalearn.n_way",
+             f"{ml.n_way} is larger than the {t.n_way} classes a teacher knows (teachers.n_way); "
+             "lower it or let pseudo tasks mix teachers (taskcache.mix_teachers=true)")
+    need(ml.k_shot + ml.q_query <= tc.slots * tc.images_per_slot, "metalearn.k_shot",
+         f"k_shot + q_query = {ml.k_shot + ml.q_query} images per class exceed what the bank holds per class "
+         f"(taskcache.slots * taskcache.images_per_slot = {tc.slots * tc.images_per_slot})")
+
+    ev = cfg.evaluate
+    at_least("evaluate.episodes", ev.episodes, 1)
+    at_least("evaluate.n_way", ev.n_way, 2)
+    need(len(ev.shots) > 0 and all(k >= 1 for k in ev.shots), "evaluate.shots",
+         f"must be a non-empty list of values >= 1, got {ev.shots}")
+    at_least("evaluate.q_query", ev.q_query, 1)
+    at_least("evaluate.inner_steps", ev.inner_steps, 0)
+    at_least("evaluate.episode_batch", ev.episode_batch, 1)
+
+    one_of("method.name", cfg.method.name, METHODS, "method")
+
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg

@@ -20,8 +20,9 @@ from rich.table import Table
 from free import __version__
 
 app = typer.Typer(help="FREE: data-free meta-learning pipeline.", no_args_is_help=True, add_completion=False)
-data_app = typer.Typer(help="Few-shot data sets: decode into the tensor cache, show class splits.",
-                       no_args_is_help=True)
+data_app = typer.Typer(
+    help="Few-shot data sets: decode into the tensor cache, show class splits.", no_args_is_help=True
+)
 config_app = typer.Typer(help="The configuration tree in params/.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
@@ -125,8 +126,13 @@ def data_info(
     for column in ("split", "classes", "images", "images/class", "image (C, H, W)"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for row in rows:
-        table.add_row(row["split"], str(row["classes"]), str(row["images"]), str(row["images_per_class"]),
-                      str(tuple(row["image_shape"])))
+        table.add_row(
+            row["split"],
+            str(row["classes"]),
+            str(row["images"]),
+            str(row["images_per_class"]),
+            str(tuple(row["image_shape"])),
+        )
     out.print(table)
     out.print(f"split: {info['split']}; rotations as new classes: {'yes (x4)' if ds.rotations else 'no'}")
     out.print(f"root: {ds.root}")

@@ -18,7 +18,13 @@ _console = Console(stderr=True)
 
 def bar(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Yield from ``iterable`` while drawing a progress bar with count, elapsed and remaining time."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=_console, transient=False) as progress:
         yield from progress.track(iterable, total=total, description=description)

@@ -27,9 +27,7 @@ N_WAY = 5
 
 def _make(arch: str, in_channels: int, image_size: int, **kwargs: object) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(
-        arch, in_channels=in_channels, n_classes=N_WAY, image_size=image_size, width=WIDTH, **kwargs
-    )
+    return build_model(arch, in_channels=in_channels, n_classes=N_WAY, image_size=image_size, width=WIDTH, **kwargs)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -67,11 +65,7 @@ def test_conv4_feature_dim(image_size: int, spatial: int) -> None:
 
 def test_resnet12_widths_scale_with_width() -> None:
     model = ResNet12(in_channels=3, n_classes=N_WAY, image_size=32, width=64)
-    convs = [
-        m.out_channels
-        for m in model.encoder.modules()
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-    ]
+    convs = [m.out_channels for m in model.encoder.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     assert convs == [64, 160, 320, 640]
     assert model.feature_dim == 640
 

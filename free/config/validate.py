@@ -49,13 +49,19 @@ def validate(cfg: Config) -> Config:
 
     ds = cfg.dataset
     one_of("dataset.name", ds.name, DATASET_NAMES, "data set")
-    need(ds.image_size >= 8 and ds.image_size % 4 == 0, "dataset.image_size",
-         f"must be a multiple of 4 and >= 8 (the generator upsamples s/4 twice), got {ds.image_size}")
+    need(
+        ds.image_size >= 8 and ds.image_size % 4 == 0,
+        "dataset.image_size",
+        f"must be a multiple of 4 and >= 8 (the generator upsamples s/4 twice), got {ds.image_size}",
+    )
     native = NATIVE_CHANNELS.get(ds.name, ds.channels)
     need(ds.channels == native, "dataset.channels", f"{ds.name} images have {native} channel(s), got {ds.channels}")
-    need(0 < ds.split.train < 1 and 0 < ds.split.val < 1 and ds.split.train + ds.split.val < 1,
-         "dataset.split", f"train and val fractions must be in (0, 1) and leave classes for test, "
-         f"got train={ds.split.train} val={ds.split.val}")
+    need(
+        0 < ds.split.train < 1 and 0 < ds.split.val < 1 and ds.split.train + ds.split.val < 1,
+        "dataset.split",
+        f"train and val fractions must be in (0, 1) and leave classes for test, "
+        f"got train={ds.split.train} val={ds.split.val}",
+    )
     for key, stats in (("dataset.mean", ds.mean), ("dataset.std", ds.std)):
         need(len(stats) == ds.channels, key, f"needs one value per channel ({ds.channels}), got {len(stats)}")
     need(all(s > 0 for s in ds.std), "dataset.std", f"must be > 0, got {ds.std}")
@@ -82,13 +88,19 @@ def validate(cfg: Config) -> Config:
     at_least("inversion.latent_dim", inv.latent_dim, 1)
     at_least("inversion.inner_steps", inv.inner_steps, 1)
     positive("inversion.inner_lr", inv.inner_lr)
-    need(len(inv.betas) == 2 and all(0 <= b < 1 for b in inv.betas), "inversion.betas",
-         f"must be two values in [0, 1), got {inv.betas}")
+    need(
+        len(inv.betas) == 2 and all(0 <= b < 1 for b in inv.betas),
+        "inversion.betas",
+        f"must be two values in [0, 1), got {inv.betas}",
+    )
     positive("inversion.outer_lr", inv.outer_lr)
     one_of("inversion.outer_update", inv.outer_update, OUTER_UPDATES, "outer update")
     at_least("inversion.teachers_per_step", inv.teachers_per_step, 1)
-    need(inv.teachers_per_step <= t.n_teachers, "inversion.teachers_per_step",
-         f"{inv.teachers_per_step} is more than the zoo has (teachers.n_teachers={t.n_teachers})")
+    need(
+        inv.teachers_per_step <= t.n_teachers,
+        "inversion.teachers_per_step",
+        f"{inv.teachers_per_step} is more than the zoo has (teachers.n_teachers={t.n_teachers})",
+    )
     at_least("inversion.images_per_class", inv.images_per_class, 1)
     at_least("inversion.scratch_steps", inv.scratch_steps, 1)
     for term in ("ce", "bn", "tv", "adv"):
@@ -113,18 +125,27 @@ def validate(cfg: Config) -> Config:
     at_least("metalearn.val_every", ml.val_every, 1)
     at_least("metalearn.val_episodes", ml.val_episodes, 1)
     if not tc.mix_teachers:
-        need(ml.n_way <= t.n_way, "metalearn.n_way",
-             f"{ml.n_way} is larger than the {t.n_way} classes a teacher knows (teachers.n_way); "
-             "lower it or let pseudo tasks mix teachers (taskcache.mix_teachers=true)")
-    need(ml.k_shot + ml.q_query <= tc.slots * tc.images_per_slot, "metalearn.k_shot",
-         f"k_shot + q_query = {ml.k_shot + ml.q_query} images per class exceed what the bank holds per class "
-         f"(taskcache.slots * taskcache.images_per_slot = {tc.slots * tc.images_per_slot})")
+        need(
+            ml.n_way <= t.n_way,
+            "metalearn.n_way",
+            f"{ml.n_way} is larger than the {t.n_way} classes a teacher knows (teachers.n_way); "
+            "lower it or let pseudo tasks mix teachers (taskcache.mix_teachers=true)",
+        )
+    need(
+        ml.k_shot + ml.q_query <= tc.slots * tc.images_per_slot,
+        "metalearn.k_shot",
+        f"k_shot + q_query = {ml.k_shot + ml.q_query} images per class exceed what the bank holds per class "
+        f"(taskcache.slots * taskcache.images_per_slot = {tc.slots * tc.images_per_slot})",
+    )
 
     ev = cfg.evaluate
     at_least("evaluate.episodes", ev.episodes, 1)
     at_least("evaluate.n_way", ev.n_way, 2)
-    need(len(ev.shots) > 0 and all(k >= 1 for k in ev.shots), "evaluate.shots",
-         f"must be a non-empty list of values >= 1, got {ev.shots}")
+    need(
+        len(ev.shots) > 0 and all(k >= 1 for k in ev.shots),
+        "evaluate.shots",
+        f"must be a non-empty list of values >= 1, got {ev.shots}",
+    )
     at_least("evaluate.q_query", ev.q_query, 1)
     at_least("evaluate.inner_steps", ev.inner_steps, 0)
     at_least("evaluate.episode_batch", ev.episode_batch, 1)

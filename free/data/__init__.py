@@ -67,9 +67,7 @@ def load_dataset(
     return raw, path, False
 
 
-def load_splits(
-    cfg: DatasetConfig, cache_dir: str | Path, progress: Progress | None = None
-) -> dict[str, FewShotSplit]:
+def load_splits(cfg: DatasetConfig, cache_dir: str | Path, progress: Progress | None = None) -> dict[str, FewShotSplit]:
     """The three class-disjoint splits of the configured data set."""
     raw, _, _ = load_dataset(cfg, cache_dir, progress=progress)
     return build_splits(raw, cfg.split.train, cfg.split.val, cfg.split_seed, cfg.rotations)

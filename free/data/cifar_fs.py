@@ -63,9 +63,7 @@ CIFAR100_SUPERCLASSES: dict[str, tuple[str, ...]] = {
     "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
     "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
 }
-CIFAR100_COARSE_OF: dict[str, str] = {
-    fine: coarse for coarse, fines in CIFAR100_SUPERCLASSES.items() for fine in fines
-}
+CIFAR100_COARSE_OF: dict[str, str] = {fine: coarse for coarse, fines in CIFAR100_SUPERCLASSES.items() for fine in fines}
 
 # Bertinetto et al. (2019), splits/bertinetto/{val,test}.txt.
 CIFAR_FS_VAL_CLASSES: tuple[str, ...] = (
@@ -180,9 +178,7 @@ def load_cifar_fs(
     class_names = list(train.classes)
     unknown = sorted(set(class_names) - set(CIFAR100_FINE_NAMES))
     if unknown or len(class_names) != len(CIFAR100_FINE_NAMES):
-        raise DatasetIntegrityError(
-            f"unexpected CIFAR-100 class names under {root / CIFAR_FOLDER}: {unknown}"
-        )
+        raise DatasetIntegrityError(f"unexpected CIFAR-100 class names under {root / CIFAR_FOLDER}: {unknown}")
 
     images = np.concatenate([np.asarray(train.data), np.asarray(test.data)])  # (N, 32, 32, 3)
     labels = np.concatenate([np.asarray(train.targets), np.asarray(test.targets)]).astype(np.int64)

@@ -41,10 +41,7 @@ def cub_class_splits(class_folders: list[str]) -> list[str]:
         Per folder (in the given order), ``"train"``, ``"val"`` or ``"test"``.
     """
     index = {name: i for i, name in enumerate(sorted(class_folders))}
-    return [
-        "train" if index[name] % 2 == 0 else "val" if index[name] % 4 == 1 else "test"
-        for name in class_folders
-    ]
+    return ["train" if index[name] % 2 == 0 else "val" if index[name] % 4 == 1 else "test" for name in class_folders]
 
 
 def _read_split_files(split_dir: Path, class_folders: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -55,18 +52,14 @@ def _read_split_files(split_dir: Path, class_folders: list[str]) -> tuple[dict[s
     for split in SPLITS:
         path = split_dir / f"{split}.txt"
         if not path.is_file():
-            raise DatasetNotFoundError(
-                f"{split_dir} exists but {path} is missing; give all of train/val/test.txt"
-            )
+            raise DatasetNotFoundError(f"{split_dir} exists but {path} is missing; give all of train/val/test.txt")
         sources[f"splits/{path.name}"] = sha256_file(path)
         for line in path.read_text(encoding="utf-8").splitlines():
             name = line.strip()
             if not name:
                 continue
             if name not in known:
-                raise DatasetNotFoundError(
-                    f"class folder {name!r} listed in {path} not found among the images"
-                )
+                raise DatasetNotFoundError(f"class folder {name!r} listed in {path} not found among the images")
             if split_of.setdefault(name, split) != split:
                 raise DatasetIntegrityError(f"class {name!r} is in both {split_of[name]}.txt and {split}.txt")
     return split_of, sources
@@ -103,7 +96,5 @@ def load_cub(root: Path, image_size: int = 84, progress: Progress | None = None)
         for name in class_folders
         if name in split_of
     ]
-    sources["images/"] = (
-        f"imagefolder:{sum(len(cls.files) for cls in classes)} files in {len(classes)} classes"
-    )
+    sources["images/"] = f"imagefolder:{sum(len(cls.files) for cls in classes)} files in {len(classes)} classes"
     return load_image_classes(classes, image_size, sources, progress, "Decoding CUB-200-2011")

@@ -43,8 +43,9 @@ class Episode:
         return Episode(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i], self.classes[i])
 
     def to(self, device: torch.device | str) -> Episode:
-        return Episode(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y,
-                                                 self.classes)))
+        return Episode(
+            *(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y, self.classes))
+        )
 
 
 class EpisodeSampler:

@@ -32,7 +32,7 @@ def decode_image(source: bytes | str | Path, image_size: int, channels: int) -> 
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy shares it
     except (UnidentifiedImageError, OSError) as err:
         raise DatasetIntegrityError(f"cannot decode image {name}: {err}") from err
     if channels == 1:

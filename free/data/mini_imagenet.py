@@ -142,13 +142,9 @@ def _read_csv_layout(root: Path) -> tuple[list[ImageClass], dict[str, str]]:
                     raise DatasetIntegrityError(f"{csv_path} line {reader.line_num}: empty filename or label")
                 path = image_dir / filename
                 if split_of.setdefault(wnid, split) != split:
-                    raise DatasetIntegrityError(
-                        f"class {wnid} is in both {split_of[wnid]}.csv and {split}.csv"
-                    )
+                    raise DatasetIntegrityError(f"class {wnid} is in both {split_of[wnid]}.csv and {split}.csv")
                 if not path.is_file():
-                    raise DatasetNotFoundError(
-                        f"MiniImageNet image {path} listed in {csv_path} does not exist"
-                    )
+                    raise DatasetNotFoundError(f"MiniImageNet image {path} listed in {csv_path} does not exist")
                 files.setdefault(wnid, []).append(path)
         if n_rows == 0:
             raise DatasetIntegrityError(f"{csv_path} lists no image")
@@ -164,9 +160,7 @@ def _read_folder_layout(root: Path) -> tuple[list[ImageClass], dict[str, str]]:
         split_dir = root / split
         class_dirs = sorted(path for path in split_dir.iterdir() if path.is_dir())
         if not class_dirs:
-            raise DatasetNotFoundError(
-                f"no class folders <wnid>/ in {split_dir}; expected {split_dir}/<wnid>/*.jpg"
-            )
+            raise DatasetNotFoundError(f"no class folders <wnid>/ in {split_dir}; expected {split_dir}/<wnid>/*.jpg")
         n_files = 0
         for class_dir in class_dirs:
             wnid = class_dir.name

@@ -121,7 +121,8 @@ def split_summary(splits: dict[str, FewShotSplit]) -> list[dict[str, object]]:
                 "split": name,
                 "classes": split.n_classes,
                 "images": int(split.labels.numel()),
-                "images_per_class": f"{int(counts.min())}" if counts.min() == counts.max()
+                "images_per_class": f"{int(counts.min())}"
+                if counts.min() == counts.max()
                 else f"{int(counts.min())}-{int(counts.max())}",
                 "image_shape": list(split.images.shape[1:]),
             }

@@ -97,9 +97,7 @@ class ResNet12(nn.Module):
     ) -> None:
         super().__init__()
         if image_size < 16:
-            raise ValueError(
-                f"ResNet12 needs image_size >= 16 (four 2x max-pools), got image_size={image_size}"
-            )
+            raise ValueError(f"ResNet12 needs image_size >= 16 (four 2x max-pools), got image_size={image_size}")
         widths = tuple(round(width * m) for m in (1.0, 2.5, 5.0, 10.0))
         blocks = []
         prev = in_channels
@@ -133,9 +131,7 @@ class BasicBlock(nn.Module):
     ``conv1x1 (stride) -> BN``.
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, stride: int = 1, track_running_stats: bool = True
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, track_running_stats: bool = True) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_channels, out_channels, stride)
         self.bn1 = _bn(out_channels, track_running_stats)

@@ -53,8 +53,17 @@ def test_data_build_then_info_json(fake_omniglot: Path) -> None:
     assert "24 classes" in built.output and "decoded" in built.output
     again = runner.invoke(app, ["data", "build", f"dataset.root={fake_omniglot}"])
     assert "cached already" in again.output
-    result = runner.invoke(app, ["data", "info", "--json", f"dataset.root={fake_omniglot}", "dataset.split.train=0.5",
-                                 "dataset.split.val=0.25"])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "info",
+            "--json",
+            f"dataset.root={fake_omniglot}",
+            "dataset.split.train=0.5",
+            "dataset.split.val=0.25",
+        ],
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert [row["classes"] for row in info["splits"]] == [12, 6, 6]

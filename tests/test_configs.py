@@ -8,8 +8,19 @@ import pytest
 
 from free.config import Config, ConfigError, compose, config_dir, to_yaml
 
-GROUPS = ("dataset", "model", "teachers", "inversion", "taskcache", "metalearn", "evaluate", "method",
-          "tracking", "storage", "experiment")
+GROUPS = (
+    "dataset",
+    "model",
+    "teachers",
+    "inversion",
+    "taskcache",
+    "metalearn",
+    "evaluate",
+    "method",
+    "tracking",
+    "storage",
+    "experiment",
+)
 
 
 def options(group: str) -> list[str]:
@@ -57,7 +68,11 @@ def test_tiny_is_small() -> None:
 
 
 def test_paper_presets_use_their_data_sets() -> None:
-    for preset, name, size in (("cifar_fs", "cifar_fs", 32), ("mini_imagenet", "mini_imagenet", 84), ("cub", "cub", 84)):
+    for preset, name, size in (
+        ("cifar_fs", "cifar_fs", 32),
+        ("mini_imagenet", "mini_imagenet", 84),
+        ("cub", "cub", 84),
+    ):
         cfg = compose([f"experiment={preset}"])
         assert (cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.channels) == (name, size, 3)
         assert cfg.teachers.n_teachers == 100

@@ -63,7 +63,9 @@ def test_unknown_archive_names_are_ignored(fake_omniglot: Path) -> None:
 
 def test_checksum_mismatch_names_the_archive(fake_omniglot: Path) -> None:
     sums = fake_omniglot / "SHA256SUMS"
-    lines = [("0" * 64 + "  " + line.split()[1]) if "small2" in line else line for line in sums.read_text().splitlines()]
+    lines = [
+        ("0" * 64 + "  " + line.split()[1]) if "small2" in line else line for line in sums.read_text().splitlines()
+    ]
     sums.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetIntegrityError, match="images_background_small2.zip"):
         load_omniglot(fake_omniglot)

@@ -10,12 +10,12 @@ Pipeline code passes a typed :class:`~free.config.schema.DatasetConfig` to :func
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from free.data import cache
-from free.data.base import SPLITS, DatasetIntegrityError, DatasetNotFoundError, RawDataset
+from free.data.base import SPLITS, DatasetIntegrityError, DatasetNotFoundError, Progress, RawDataset
 from free.data.episodes import Episode, EpisodeSampler
 from free.data.splits import FewShotSplit, assign_splits, build_splits, split_summary
 
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 DATASET_NAMES = ("omniglot", "cifar_fs", "mini_imagenet", "cub")
 NATIVE_CHANNELS = {"omniglot": 1, "cifar_fs": 3, "mini_imagenet": 3, "cub": 3}
-
-Progress = Callable[[Iterable, str, int], Iterable]
 
 
 def read_dataset(cfg: DatasetConfig, progress: Progress | None = None) -> RawDataset:

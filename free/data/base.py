@@ -9,11 +9,26 @@ data sets alike.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 SPLITS = ("train", "val", "test")
+
+# ``progress(iterable, description, total)`` yields the same items while showing progress.
+Progress = Callable[[Iterable, str, int], Iterable]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so large archives do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class DatasetNotFoundError(FileNotFoundError):

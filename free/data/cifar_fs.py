@@ -13,7 +13,7 @@ the genuine archive is ever unpickled. The super-class of every class is hard-co
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR100
 
-from free.data.base import DatasetIntegrityError, DatasetNotFoundError, RawDataset
+from free.data.base import DatasetIntegrityError, DatasetNotFoundError, Progress, RawDataset
 
 # CIFAR-100's 100 fine class names, in the order of ``fine_label_names`` in its ``meta`` file
 # (alphabetical), which is also torchvision's ``CIFAR100.classes`` and the label order.
@@ -81,8 +81,6 @@ assert (len(CIFAR_FS_TRAIN_CLASSES), len(CIFAR_FS_VAL_CLASSES), len(CIFAR_FS_TES
 
 CIFAR_FOLDER = "cifar-100-python"
 CIFAR_FILES = ("train", "test", "meta")
-
-Progress = Callable[[Iterable, str, int], Iterable]
 
 
 def cifar_fs_class_splits(fine_names: list[str]) -> list[str]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from free.data.base import SPLITS, DatasetIntegrityError, DatasetNotFoundError, RawDataset
-from free.data.mini_imagenet import ImageClass, Progress, list_images, load_image_classes, sha256_file
+from free.data.base import SPLITS, DatasetIntegrityError, DatasetNotFoundError, Progress, RawDataset, sha256_file
+from free.data.folders import ImageClass, list_images, load_image_classes
 
 
 def _images_dir(root: Path) -> Path:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from free.data.base import DatasetIntegrityError, DatasetNotFoundError, RawDataset
+from free.data.base import DatasetIntegrityError, DatasetNotFoundError, Progress, RawDataset, sha256_file
 from free.data.images import decode_image
 
 # Full set first: when present it is the superset, and dedup keeps the first source.
@@ -35,8 +35,6 @@ KNOWN_SHA256 = {
 }
 # Where torchvision.datasets.Omniglot keeps its downloads, relative to the root it is given.
 TORCHVISION_FOLDER = "omniglot-py"
-
-Progress = Callable[[Iterable, str, int], Iterable]
 
 
 def load_omniglot(
@@ -132,7 +130,7 @@ def _verify(path: Path) -> str:
     """Return the sha256 of an archive after checking it; ``"directory"`` for extracted folders."""
     if path.is_dir():
         return "directory"
-    digest = _sha256(path)
+    digest = sha256_file(path)
     expected = _listed_sha256(path) or KNOWN_SHA256.get(path.name)
     if expected is not None and digest != expected:
         raise DatasetIntegrityError(f"{path}: sha256 {digest} does not match the expected {expected}")
@@ -158,14 +156,6 @@ def _torchvision_md5(stem: str) -> str | None:
     from torchvision.datasets import Omniglot
 
     return getattr(Omniglot, "zips_md5", {}).get(stem)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _list_images(source: Path) -> Iterator[tuple[str, str]]:

@@ -19,7 +19,7 @@ export FREE_DATA_DIR := $(SHARED_DATA)
 endif
 endif
 
-.PHONY: help setup run test test-all lint clean
+.PHONY: help setup run repro test test-all lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup  ## main job on embedded defaults: build and describe the offline data set
 	$(BIN)/free data build
 	$(BIN)/free data info
+
+repro: setup  ## dvc repro with the project's python first on PATH (stage commands call `python`)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: setup  ## lint + default test suite (slow tests excluded)
 	$(BIN)/ruff check .

@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -84,15 +85,29 @@ def data_build(
     overrides: Overrides = None,
     force: Annotated[bool, typer.Option("--force", help="Decode again even if the cache exists.")] = False,
 ) -> None:
-    """Decode the configured data set once into the tensor cache (with a progress bar)."""
+    """Decode the configured data set into the tensor cache and write the split manifest.
+
+    The manifest, ``<artifacts_dir>/data/splits.json``, lists the classes of each split and the
+    sources' hashes: the versioned input of every later stage.
+    """
+    from dataclasses import asdict
+
     from free.config import compose
-    from free.data import load_dataset
+    from free.data import build_splits, load_dataset, split_manifest
     from free.progress import bar
 
     cfg = compose(overrides or [])
-    raw, path, from_cache = load_dataset(cfg.dataset, cfg.paths.cache_dir, rebuild=force, progress=bar)
+    ds = cfg.dataset
+    raw, path, from_cache = load_dataset(ds, cfg.paths.cache_dir, rebuild=force, progress=bar)
     state = "cached already" if from_cache else "decoded"
-    out.print(f"{cfg.dataset.name}: {len(raw.class_names)} classes, {len(raw.labels)} images {state} -> {path}")
+    out.print(f"{ds.name}: {len(raw.class_names)} classes, {len(raw.labels)} images {state} -> {path}")
+    splits = build_splits(raw, ds.split.train, ds.split.val, ds.split_seed, ds.rotations)
+    settings = {k: v for k, v in asdict(ds).items() if k not in ("root", "download")}  # not machine paths
+    manifest = Path(cfg.paths.artifacts_dir) / "data" / "splits.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(split_manifest(raw, splits, settings), indent=2) + "\n")
+    counts = ", ".join(f"{split.name} {split.n_classes}" for split in splits.values())
+    out.print(f"classes per split: {counts} -> {manifest}")
 
 
 @data_app.command("info")

@@ -47,22 +47,20 @@ def test_data_info_missing_data_exits_1(tmp_path: Path) -> None:
     assert "data error" in result.output and "not found" in result.output
 
 
-def test_data_build_then_info_json(fake_omniglot: Path) -> None:
-    built = runner.invoke(app, ["data", "build", f"dataset.root={fake_omniglot}"])
+def test_data_build_writes_manifest_then_info_json(fake_omniglot: Path, tmp_path: Path) -> None:
+    args = [f"dataset.root={fake_omniglot}", f"paths.artifacts_dir={tmp_path}/artifacts"]
+    built = runner.invoke(app, ["data", "build", *args])
     assert built.exit_code == 0, built.output
     assert "24 classes" in built.output and "decoded" in built.output
-    again = runner.invoke(app, ["data", "build", f"dataset.root={fake_omniglot}"])
+    manifest = json.loads((tmp_path / "artifacts" / "data" / "splits.json").read_text())
+    classes = manifest["classes"]
+    assert sum(len(names) for names in classes.values()) == 24
+    assert not set(classes["test"]) & (set(classes["train"]) | set(classes["val"]))
+    assert "root" not in manifest["settings"]  # no machine-specific paths in a versioned artifact
+    again = runner.invoke(app, ["data", "build", *args])
     assert "cached already" in again.output
     result = runner.invoke(
-        app,
-        [
-            "data",
-            "info",
-            "--json",
-            f"dataset.root={fake_omniglot}",
-            "dataset.split.train=0.5",
-            "dataset.split.val=0.25",
-        ],
+        app, ["data", "info", "--json", *args, "dataset.split.train=0.5", "dataset.split.val=0.25"]
     )
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)

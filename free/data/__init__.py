@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from free.data import cache
 from free.data.base import SPLITS, DatasetIntegrityError, DatasetNotFoundError, Progress, RawDataset
 from free.data.episodes import Episode, EpisodeSampler
-from free.data.splits import FewShotSplit, assign_splits, build_splits, split_summary
+from free.data.splits import FewShotSplit, assign_splits, build_splits, split_manifest, split_summary
 
 if TYPE_CHECKING:
     from free.config.schema import DatasetConfig
@@ -97,5 +97,6 @@ __all__ = [
     "load_split",
     "load_splits",
     "read_dataset",
+    "split_manifest",
     "split_summary",
 ]

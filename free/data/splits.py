@@ -128,3 +128,17 @@ def split_summary(splits: dict[str, FewShotSplit]) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def split_manifest(raw: RawDataset, splits: dict[str, FewShotSplit], settings: dict[str, object]) -> dict[str, object]:
+    """The versioned record of a split: which classes are in which split, and where the data came from.
+
+    Later stages read class lists from it, and a change of split changes its hash (DVC dependency).
+    """
+    return {
+        "settings": settings,
+        "sources": raw.sources,
+        "split": "standard" if raw.class_splits else "seeded, stratified by group",
+        "counts": {row["split"]: {"classes": row["classes"], "images": row["images"]} for row in split_summary(splits)},
+        "classes": {name: split.class_names for name, split in splits.items()},
+    }

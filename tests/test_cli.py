@@ -59,9 +59,7 @@ def test_data_build_writes_manifest_then_info_json(fake_omniglot: Path, tmp_path
     assert "root" not in manifest["settings"]  # no machine-specific paths in a versioned artifact
     again = runner.invoke(app, ["data", "build", *args])
     assert "cached already" in again.output
-    result = runner.invoke(
-        app, ["data", "info", "--json", *args, "dataset.split.train=0.5", "dataset.split.val=0.25"]
-    )
+    result = runner.invoke(app, ["data", "info", "--json", *args, "dataset.split.train=0.5", "dataset.split.val=0.25"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert [row["classes"] for row in info["splits"]] == [12, 6, 6]

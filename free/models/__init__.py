@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from free.models.classifier import Classifier, Normalize, build_classifier
 from free.models.conv4 import Conv4
 from free.models.generator import Generator
 from free.models.registry import (
@@ -15,6 +16,9 @@ from free.models.resnet import ResNet, ResNet10, ResNet12, ResNet18
 
 __all__ = [
     "CLASSIFIER_ARCHS",
+    "Classifier",
+    "Normalize",
+    "build_classifier",
     "MODEL_REGISTRY",
     "Conv4",
     "Generator",

@@ -98,6 +98,7 @@ class InversionConfig:
     teachers_per_step: int = 4
     images_per_class: int = 20  # batch = n_way * images_per_class
     scratch_steps: int = 200  # steps of the from_scratch / pixels baselines
+    pixels_lr: float = 0.05  # Adam learning rate of directly optimised pixels (pixels baseline)
     augment: bool = True
     loss: LossWeights = field(default_factory=LossWeights)
     adv_warmup: int = 50  # meta-iterations before the adversarial term switches on
@@ -125,8 +126,12 @@ class MetaLearnConfig:
     meta_batch: int = 4  # pseudo tasks per meta-iteration
     iterations: int = 2000
     align: bool = True  # sequential per-task steps + Reptile move (implicit gradient alignment)
+    reptile_beta: float = 1.0  # step of the initialisation towards the end point of the task sequence
     distill: float = 0.0  # weight of the teacher soft-target (KD) loss on query sets
+    distill_temperature: float = 4.0
     replay: bool = True  # also sample tasks from the whole bank
+    replay_fraction: float = 0.5  # share of each meta-batch drawn from the whole bank
+    checkpoint_every: int = 25  # meta-iterations between resumable checkpoints
     data: str = "pseudo"  # pseudo (data-free) | real (oracle upper bound)
     val_every: int = 100
     val_episodes: int = 100

@@ -79,7 +79,7 @@ class LossWeights:
     """Weights of the inversion loss terms; 0 switches a term off."""
 
     ce: float = 1.0  # teacher cross-entropy against the sampled labels
-    bn: float = 1.0  # BatchNorm feature-statistics matching (DeepInversion)
+    bn: float = 0.1  # BatchNorm feature-statistics matching (DeepInversion)
     tv: float = 0.0  # total variation (image smoothness)
     adv: float = 1.0  # disagreement between meta-learner and teacher, after warm-up
 

@@ -50,7 +50,7 @@ def test_alignment_increases_gradient_inner_product_on_conflicting_tasks() -> No
         theta = {"w": torch.randn(3, generator=gen)}
         tasks = [quadratic(a1, c1), quadratic(a2, c2)]
 
-        def inner(w):
+        def inner(w, tasks=tasks):
             return float(tasks[0](w)["w"] @ tasks[1](w)["w"])
 
         if inner(theta) >= 0:

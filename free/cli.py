@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from free import __version__
+from free.progress import bar
 
 app = typer.Typer(help="FREE: data-free meta-learning pipeline.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(
@@ -38,8 +39,9 @@ F = TypeVar("F", bound=Callable[..., object])
 
 def friendly_errors(command: F) -> F:
     """Turn the errors a user can fix into one line on stderr and a non-zero exit code."""
+    from free.checkpoints import CheckpointError
     from free.config import ConfigError
-    from free.data import DatasetIntegrityError, DatasetNotFoundError
+    from free.data import DatasetIntegrityError
 
     @functools.wraps(command)
     def wrapper(*args: object, **kwargs: object) -> object:
@@ -48,11 +50,18 @@ def friendly_errors(command: F) -> F:
         except ConfigError as e:
             err.print(f"[bold red]config error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
-        except (DatasetNotFoundError, DatasetIntegrityError) as e:
-            err.print(f"[bold red]data error:[/] {e}", highlight=False, soft_wrap=True)
+        except (FileNotFoundError, DatasetIntegrityError, CheckpointError) as e:  # missing/corrupt inputs
+            kind = "checkpoint error" if isinstance(e, CheckpointError) else "data error"
+            err.print(f"[bold red]{kind}:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _compose(overrides: list[str] | None):
+    from free.config import compose
+
+    return compose(overrides or [])
 
 
 def _version(value: bool) -> None:
@@ -74,9 +83,9 @@ def main(
 @friendly_errors
 def config_show(overrides: Overrides = None) -> None:
     """Print the resolved configuration (after overrides, interpolations and validation)."""
-    from free.config import compose, to_yaml
+    from free.config import to_yaml
 
-    sys.stdout.write(to_yaml(compose(overrides or [])))
+    sys.stdout.write(to_yaml(_compose(overrides)))
 
 
 @data_app.command("build")
@@ -85,29 +94,16 @@ def data_build(
     overrides: Overrides = None,
     force: Annotated[bool, typer.Option("--force", help="Decode again even if the cache exists.")] = False,
 ) -> None:
-    """Decode the configured data set into the tensor cache and write the split manifest.
+    """Decode the data set into the tensor cache and write artifacts/data/splits.json (class splits)."""
+    from free.stages import data
 
-    The manifest, ``<artifacts_dir>/data/splits.json``, lists the classes of each split and the
-    sources' hashes: the versioned input of every later stage.
-    """
-    from dataclasses import asdict
-
-    from free.config import compose
-    from free.data import build_splits, load_dataset, split_manifest
-    from free.progress import bar
-
-    cfg = compose(overrides or [])
-    ds = cfg.dataset
-    raw, path, from_cache = load_dataset(ds, cfg.paths.cache_dir, rebuild=force, progress=bar)
-    state = "cached already" if from_cache else "decoded"
-    out.print(f"{ds.name}: {len(raw.class_names)} classes, {len(raw.labels)} images {state} -> {path}")
-    splits = build_splits(raw, ds.split.train, ds.split.val, ds.split_seed, ds.rotations)
-    settings = {k: v for k, v in asdict(ds).items() if k not in ("root", "download")}  # not machine paths
-    manifest = Path(cfg.paths.artifacts_dir) / "data" / "splits.json"
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(split_manifest(raw, splits, settings), indent=2) + "\n")
-    counts = ", ".join(f"{split.name} {split.n_classes}" for split in splits.values())
-    out.print(f"classes per split: {counts} -> {manifest}")
+    summary = data.run(_compose(overrides), force=force, progress=bar)
+    state = "cached already" if summary["from_cache"] else "decoded"
+    out.print(
+        f"{summary['dataset']}: {summary['classes']} classes, {summary['images']} images {state} -> {summary['cache']}"
+    )
+    counts = ", ".join(f"{name} {n}" for name, n in summary["split_classes"].items())
+    out.print(f"classes per split: {counts} -> {summary['manifest']}")
 
 
 @data_app.command("info")
@@ -117,11 +113,9 @@ def data_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Show the class splits of the configured data set: classes and images per split."""
-    from free.config import compose
     from free.data import build_splits, load_dataset, split_summary
-    from free.progress import bar
 
-    cfg = compose(overrides or [])
+    cfg = _compose(overrides)
     ds = cfg.dataset
     raw, path, _ = load_dataset(ds, cfg.paths.cache_dir, progress=bar)
     rows = split_summary(build_splits(raw, ds.split.train, ds.split.val, ds.split_seed, ds.rotations))
@@ -154,6 +148,64 @@ def data_info(
     for name, digest in raw.sources.items():
         out.print(f"  source {name}: sha256 {digest}")
     out.print(f"cache: {path}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@friendly_errors
+def teachers(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="Hydra overrides; or `import DIR [overrides]` to import your own checkpoints + cards."),
+    ] = None,
+) -> None:
+    """Train the teacher zoo (resumable), or `free teachers import DIR` to bring your own teachers."""
+    from free.stages import teachers as stage
+
+    args = list(args or [])
+    if args[:1] == ["import"]:
+        if len(args) < 2:
+            raise typer.BadParameter("usage: free teachers import DIR [overrides]")
+        summary = stage.import_teachers(_compose(args[2:]), Path(args[1]))
+    else:
+        summary = stage.run(_compose(args), progress=bar)
+    out.print_json(data=summary)
+
+
+@app.command()
+@friendly_errors
+def metatrain(overrides: Overrides = None) -> None:
+    """Meta-train: recover pseudo data, fill the memory bank, train the meta-learner (resumable)."""
+    from free.stages import metatrain as stage
+
+    out.print_json(data=stage.run(_compose(overrides), progress=bar))
+
+
+@app.command()
+@friendly_errors
+def metatest(overrides: Overrides = None) -> None:
+    """Meta-test on real images of the meta-test classes; writes artifacts/metrics/metatest.json."""
+    from free.stages import metatest as stage
+
+    out.print_json(data=_headline(stage.run(_compose(overrides), progress=bar)))
+
+
+@app.command()
+@friendly_errors
+def pipeline(overrides: Overrides = None) -> None:
+    """All stages in order on this machine (data, teachers, metatrain, metatest); no services needed."""
+    from free.stages import data, metatest, metatrain
+    from free.stages import teachers as teacher_stage
+
+    cfg = _compose(overrides)
+    for name, stage in (("data", data), ("teachers", teacher_stage), ("metatrain", metatrain), ("metatest", metatest)):
+        out.rule(f"stage {name}")
+        summary = stage.run(cfg, progress=bar)
+    out.print_json(data=_headline(summary))
+
+
+def _headline(metrics: dict) -> dict:
+    """metatest.json without the per-episode lists."""
+    return {k: ({m: v[m] for m in ("acc", "ci95")} if isinstance(v, dict) else v) for k, v in metrics.items()}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,36 @@
+"""Stage ``data``: decode the data set into the tensor cache and write the class-split manifest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from free.artifacts import write_json
+from free.config.schema import Config
+from free.data import build_splits, load_dataset, split_manifest
+from free.data.base import Progress
+
+
+def run(cfg: Config, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Decode (or reuse the cache) and write ``<artifacts>/data/splits.json``; return a summary.
+
+    The manifest lists the classes of each split and the sources' hashes: the versioned input of
+    every later stage. It holds no machine paths, so it is identical on every machine.
+    """
+    ds = cfg.dataset
+    raw, cache_file, from_cache = load_dataset(ds, cfg.paths.cache_dir, rebuild=force, progress=progress)
+    splits = build_splits(raw, ds.split.train, ds.split.val, ds.split_seed, ds.rotations)
+    settings = {k: v for k, v in asdict(ds).items() if k not in ("root", "download")}
+    manifest = Path(cfg.paths.artifacts_dir) / "data" / "splits.json"
+    write_json(manifest, json.loads(json.dumps(split_manifest(raw, splits, settings))))
+    return {
+        "dataset": ds.name,
+        "classes": len(raw.class_names),
+        "images": len(raw.labels),
+        "from_cache": from_cache,
+        "cache": str(cache_file),
+        "manifest": str(manifest),
+        "split_classes": {name: split.n_classes for name, split in splits.items()},
+    }

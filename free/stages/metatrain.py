@@ -1,0 +1,427 @@
+"""Stage ``metatrain``: FREE's interleaved loop, resumable, with its three versioned outputs.
+
+Each meta-iteration (Wei et al., CVPR 2024, Alg. 1):
+
+1. pick ``inversion.teachers_per_step`` teachers of the zoo;
+2. recover a batch from each (meta-generator: ``inner_steps`` steps from the shared initialisation;
+   baselines: a fresh generator or raw pixels for ``scratch_steps``), then update the meta-generator;
+3. store the batches in the memory bank (per teacher and class, ring buffers);
+4. sample ``metalearn.meta_batch`` pseudo tasks - from the fresh teachers and, with replay, from
+   the whole bank - and update the meta-learner (aligned or averaged, :mod:`free.metalearn`);
+5. every ``val_every`` iterations, meta-validate on real images of the *meta-val* classes and keep
+   the best initialisation (never the meta-test classes).
+
+``method=oracle`` replaces 1-3 by real meta-train episodes; ``method=random_init`` has 0 iterations.
+
+Outputs: ``artifacts/metalearner/`` (best initialisation + card + curves), ``artifacts/generator/``
+(meta-generator weights, recovery curves, sample grids), ``artifacts/taskcache/`` (the bank).
+Resume state lives under ``<cache_dir>/state/metatrain-<fingerprint>/`` and is written every
+``checkpoint_every`` iterations; a rerun continues from it and ends with the same artifacts as an
+unbroken run. A finished stage with the same inputs does nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from free.evaluate import evaluate
+from free.taskcache import MemoryBank
+
+from free.artifacts import (
+    fingerprint,
+    is_done,
+    load_tensors,
+    mark_done,
+    read_json,
+    resolve_device,
+    save_tensors,
+    set_threads,
+    write_json,
+)
+from free.checkpoints import classifier_meta, load_classifier, save_classifier
+from free.config.schema import Config
+from free.data import EpisodeSampler, load_splits
+from free.data.base import Progress
+from free.inversion import (
+    InversionSettings,
+    LossWeights,
+    MetaGenerator,
+    Recovery,
+    recover_from_scratch,
+    recover_pixels,
+)
+from free.maml import Params, logits, split_state
+from free.metalearn import MetaSettings, meta_update
+from free.models import Generator, build_classifier
+
+
+def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
+    """Meta-train (or resume) and write the stage's artifacts; return a summary."""
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    root = Path(cfg.paths.artifacts_dir)
+    out = {name: root / name for name in ("metalearner", "generator", "taskcache")}
+    zoo_file, splits_file = root / "teachers" / "zoo.json", root / "data" / "splits.json"
+    fp = fingerprint(_settings(cfg), inputs=[p for p in (zoo_file, splits_file) if p.is_file()])
+    if is_done(out["metalearner"], fp):
+        return read_json(out["metalearner"] / "card.json")
+
+    loop = MetaTrainLoop(cfg, device, _load_zoo(root / "teachers", cfg, device))
+    state_dir = Path(cfg.paths.cache_dir) / "state" / f"metatrain-{fp[:16]}"
+    loop.restore(state_dir)
+    iterations = range(loop.iteration, cfg.metalearn.iterations)
+    if progress is not None and len(iterations):
+        iterations = progress(iterations, f"meta-training ({cfg.method.name})", len(iterations))
+    for it in iterations:
+        loop.step()
+        if (it + 1) % cfg.metalearn.val_every == 0 or it + 1 == cfg.metalearn.iterations:
+            loop.validate()
+        if (it + 1) % cfg.metalearn.checkpoint_every == 0:
+            loop.save_state(state_dir)
+    summary = loop.write_artifacts(out, fp)
+    mark_done(out["metalearner"], fp, best_val_acc=summary["best_val_acc"])
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return summary
+
+
+def _settings(cfg: Config) -> dict[str, Any]:
+    """What this stage's result depends on (machine paths and tracking excluded)."""
+    dataset = {k: v for k, v in asdict(cfg.dataset).items() if k not in ("root", "download")}
+    return {
+        "dataset": dataset,
+        "model": asdict(cfg.model),
+        "inversion": asdict(cfg.inversion),
+        "taskcache": asdict(cfg.taskcache),
+        "metalearn": asdict(cfg.metalearn),
+        "method": cfg.method.name,
+        "seed": cfg.seed,
+        "device": cfg.device,
+    }
+
+
+def _load_zoo(directory: Path, cfg: Config, device: torch.device) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
+    """Teachers of ``teachers/zoo.json`` (not needed by oracle / random_init)."""
+    if cfg.metalearn.data == "real" or cfg.metalearn.iterations == 0:
+        return []
+    manifest = directory / "zoo.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: run `free teachers` (or `free teachers import DIR`) first")
+    zoo = []
+    for card in read_json(manifest)["teachers"]:
+        model, meta = load_classifier(directory / card["file"])
+        zoo.append((model.to(device).eval().requires_grad_(False), meta))
+    return zoo
+
+
+class MetaTrainLoop:
+    """The state of one meta-training run and its iteration; kept out of :func:`run` to checkpoint it."""
+
+    def __init__(self, cfg: Config, device: torch.device, zoo: list[tuple[torch.nn.Module, dict[str, Any]]]) -> None:
+        self.cfg, self.device, self.zoo = cfg, device, zoo
+        ds, ml, inv = cfg.dataset, cfg.metalearn, cfg.inversion
+        with torch.random.fork_rng(devices=[]):  # initialisations from the seed, not from whatever ran before
+            torch.manual_seed(cfg.seed)
+            self.learner = build_classifier(
+                cfg.model.arch,
+                ds.channels,
+                ml.n_way,
+                ds.image_size,
+                cfg.model.width,
+                ds.mean,
+                ds.std,
+                track_running_stats=False,
+            ).to(device)
+            generator = Generator(ds.image_size, ds.channels, inv.latent_dim).to(device)
+        self.params, self.buffers = split_state(self.learner)
+        self.best_params: Params = dict(self.params)
+        self.best_val_acc, self.best_iteration = -1.0, 0
+        self.meta_generator = MetaGenerator(generator, inv.outer_lr, tuple(inv.betas), inv.outer_update)
+        self.bank = MemoryBank(
+            cfg.taskcache.slots, cfg.taskcache.images_per_slot, (ds.channels, ds.image_size, ds.image_size)
+        )
+        self.rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.iteration = 0
+        self.curves: list[dict[str, float]] = []
+        self.recovery_curves: list[dict[str, Any]] = []
+        splits = load_splits(ds, cfg.paths.cache_dir)
+        self.val_split = splits["val"]
+        self.real_sampler = (
+            EpisodeSampler(splits["train"], ml.n_way, ml.k_shot, ml.q_query, seed=cfg.seed + 2)
+            if ml.data == "real"
+            else None
+        )
+        self.meta_settings = MetaSettings(
+            ml.inner_steps, ml.inner_lr, ml.outer_lr, ml.reptile_beta, ml.align, ml.distill, ml.distill_temperature
+        )
+
+    # ---- one meta-iteration -------------------------------------------------------------------
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        ml = self.cfg.metalearn
+        if self.real_sampler is not None:  # oracle: real meta-train episodes, no inversion
+            batch = self.real_sampler.sample(ml.meta_batch).to(self.device)
+            tasks, targets, recovery_stats = [batch[i] for i in range(ml.meta_batch)], None, {}
+        else:
+            fresh, recovery_stats = self._recover()
+            tasks, targets = self._pseudo_tasks(fresh)
+        order = torch.randperm(len(tasks), generator=self.rng).tolist()  # random order: alignment is symmetric
+        tasks = [tasks[i] for i in order]
+        targets = [targets[i] for i in order] if targets is not None else None
+        self.params, stats = meta_update(self.learner, self.params, self.buffers, tasks, self.meta_settings, targets)
+        self.iteration += 1
+        self.curves.append(
+            {"iteration": self.iteration, **stats, **recovery_stats, "seconds": time.perf_counter() - started}
+        )
+
+    def _recover(self) -> tuple[list[int], dict[str, float]]:
+        """Recover one batch from each of ``teachers_per_step`` teachers and store it in the bank."""
+        inv, ds = self.cfg.inversion, self.cfg.dataset
+        chosen = torch.randperm(len(self.zoo), generator=self.rng)[: inv.teachers_per_step].tolist()
+        adversarial = inv.loss.adv > 0 and self.iteration >= inv.adv_warmup
+        weights = LossWeights(inv.loss.ce, inv.loss.bn, inv.loss.tv, inv.loss.adv if adversarial else 0.0)
+        steps = inv.inner_steps if inv.mode == "meta" else inv.scratch_steps
+        lr = inv.pixels_lr if inv.mode == "pixels" else inv.inner_lr
+        settings = InversionSettings(steps, lr, tuple(inv.betas), weights, inv.augment)
+        student = self._student() if adversarial else None
+        recoveries: list[Recovery] = []
+        for teacher_id in chosen:
+            teacher, meta = self.zoo[teacher_id]
+            n_way = meta["n_classes"]
+            if inv.mode == "meta":
+                r = self.meta_generator.recover(teacher, n_way, inv.images_per_class, settings, self.rng, student)
+            elif inv.mode == "from_scratch":
+                r = recover_from_scratch(
+                    teacher,
+                    ds.image_size,
+                    ds.channels,
+                    inv.latent_dim,
+                    n_way,
+                    inv.images_per_class,
+                    settings,
+                    self.rng,
+                    student,
+                )
+            else:
+                r = recover_pixels(
+                    teacher, ds.image_size, ds.channels, n_way, inv.images_per_class, settings, self.rng, student
+                )
+            self.bank.add(teacher_id, meta["class_names"], r.images, r.labels)
+            self.recovery_curves.append(
+                {"iteration": self.iteration, "teacher": teacher_id, "seconds": r.seconds, "curve": r.curve}
+            )
+            recoveries.append(r)
+        if inv.mode == "meta":
+            self.meta_generator.outer_step(recoveries)
+        final = [r.curve[-1] for r in recoveries]
+        return chosen, {
+            "teacher_acc": sum(f["teacher_acc"] for f in final) / len(final),
+            "inversion_loss": sum(f["loss"] for f in final) / len(final),
+            "recovery_seconds": sum(r.seconds for r in recoveries),
+        }
+
+    def _student(self):
+        """The current meta-learner initialisation as a function, for the adversarial term."""
+        params = {k: v.detach() for k, v in self.params.items()}
+        return lambda x: logits(self.learner, params, self.buffers, x)
+
+    def _pseudo_tasks(self, fresh: list[int]):
+        """Tasks from the fresh teachers and, with replay, from the whole bank; with distillation targets."""
+        ml, tc = self.cfg.metalearn, self.cfg.taskcache
+        n_replay = round(ml.meta_batch * ml.replay_fraction) if ml.replay else 0
+        sources = [fresh] * (ml.meta_batch - n_replay) + [None] * n_replay
+        tasks, targets = [], []
+        for teachers in sources:
+            pseudo = self.bank.sample_task(
+                ml.n_way, ml.k_shot, ml.q_query, self.rng, teachers=teachers, mix_teachers=tc.mix_teachers
+            )
+            tasks.append(pseudo.episode.to(self.device))
+            targets.append(self._teacher_targets(pseudo) if ml.distill > 0 else None)
+        return tasks, targets
+
+    def _teacher_targets(self, pseudo) -> torch.Tensor | None:
+        """The teacher's query logits in task-label order, when all of a task's classes share a teacher.
+
+        A task mixing teachers has no single teacher whose output covers all its labels, so it is
+        trained without the distillation term.
+        """
+        teacher_ids = pseudo.teacher_ids.unique()
+        if len(teacher_ids) != 1:
+            return None
+        teacher, _ = self.zoo[int(teacher_ids[0])]
+        with torch.no_grad():
+            scores = teacher(pseudo.episode.query_x.to(self.device))  # (N*Q, teacher's n_way)
+        return scores[:, pseudo.teacher_classes.to(self.device)]  # (N*Q, N) in task-label order
+
+    # ---- validation, checkpointing, outputs ---------------------------------------------------
+
+    def validate(self) -> float:
+        """Mean accuracy on meta-val episodes (real images of meta-val classes); keeps the best init."""
+        ml, ev = self.cfg.metalearn, self.cfg.evaluate
+        accs = evaluate(
+            self.learner,
+            self.params,
+            self.buffers,
+            self.val_split,
+            ml.n_way,
+            ml.k_shot,
+            ml.q_query,
+            ml.val_episodes,
+            ml.inner_steps,
+            ml.inner_lr,
+            seed=self.cfg.seed + 3,
+            episode_batch=ev.episode_batch,
+        )
+        acc = accs.mean().item()
+        self.curves[-1]["val_acc"] = acc
+        if acc > self.best_val_acc:
+            self.best_val_acc, self.best_iteration = acc, self.iteration
+            self.best_params = dict(self.params)
+        return acc
+
+    def save_state(self, directory: Path) -> None:
+        """Everything needed to continue exactly where we are (written atomically, file by file)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"params/{k}": v for k, v in self.params.items()}
+        tensors |= {f"best/{k}": v for k, v in self.best_params.items()}
+        tensors |= {f"generator/{k}": v for k, v in self.meta_generator.generator.state_dict().items()}
+        opt_tensors, opt_meta = _optimizer_state(self.meta_generator.optimiser)
+        tensors |= {f"generator_opt/{k}": v for k, v in opt_tensors.items()}
+        tensors["rng"] = self.rng.get_state()
+        self.bank.save(directory / "bank")
+        save_tensors(
+            directory / "state.safetensors",
+            tensors,
+            {
+                "iteration": self.iteration,
+                "best_val_acc": self.best_val_acc,
+                "best_iteration": self.best_iteration,
+                "generator_opt": opt_meta,
+                "curves": self.curves,
+                "recovery_curves": self.recovery_curves,
+            },
+        )
+
+    def restore(self, directory: Path) -> None:
+        if not (directory / "state.safetensors").is_file():
+            return
+        tensors, meta = load_tensors(directory / "state.safetensors")
+        part = lambda prefix: {k[len(prefix) :]: v.to(self.device) for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        self.params, self.best_params = part("params/"), part("best/")
+        self.meta_generator.generator.load_state_dict(part("generator/"))
+        _load_optimizer_state(self.meta_generator.optimiser, part("generator_opt/"), meta["generator_opt"])
+        self.rng.set_state(tensors["rng"])
+        self.bank = MemoryBank.load(directory / "bank")
+        self.iteration, self.best_val_acc, self.best_iteration = (
+            meta["iteration"],
+            meta["best_val_acc"],
+            meta["best_iteration"],
+        )
+        self.curves, self.recovery_curves = meta["curves"], meta["recovery_curves"]
+
+    def write_artifacts(self, out: dict[str, Path], fp: str) -> dict[str, Any]:
+        ds, cfg = self.cfg.dataset, self.cfg
+        if self.best_val_acc < 0:  # no validation ran (0 iterations): the initialisation is the result
+            self.best_params = dict(self.params)
+        meta = classifier_meta(
+            cfg.model.arch,
+            ds.channels,
+            cfg.metalearn.n_way,
+            ds.image_size,
+            cfg.model.width,
+            ds.mean,
+            ds.std,
+            track_running_stats=False,
+        )
+        card = {
+            **meta,
+            "method": cfg.method.name,
+            "iterations": self.iteration,
+            "best_iteration": self.best_iteration,
+            "best_val_acc": self.best_val_acc if self.best_val_acc >= 0 else None,
+            "inner_steps": cfg.metalearn.inner_steps,
+            "inner_lr": cfg.metalearn.inner_lr,
+            "selected_on": "meta-val",
+            "fingerprint": fp,
+        }
+        state = {**self.best_params, **self.buffers}
+        card["sha256"] = save_classifier(out["metalearner"] / "metalearner.safetensors", state, card)
+        write_json(out["metalearner"] / "card.json", card)
+        write_json(out["metalearner"] / "curves.json", self.curves)
+        generator_sha = save_tensors(
+            out["generator"] / "generator.safetensors",
+            self.meta_generator.generator.state_dict(),
+            {
+                "image_size": ds.image_size,
+                "channels": ds.channels,
+                "latent_dim": cfg.inversion.latent_dim,
+                "mode": cfg.inversion.mode,
+            },
+        )
+        write_json(out["generator"] / "recovery.json", {"sha256": generator_sha, "tasks": self.recovery_curves})
+        self.bank.save(out["taskcache"])
+        _plot_curves(self.curves, self.recovery_curves, out)
+        return {
+            "best_val_acc": card["best_val_acc"],
+            "best_iteration": self.best_iteration,
+            "iterations": self.iteration,
+            "method": cfg.method.name,
+        }
+
+
+def _optimizer_state(optimiser: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state as flat tensors + JSON (so it can live in safetensors, not a pickle)."""
+    state = optimiser.state_dict()
+    tensors, scalars = {}, {}
+    for index, slots in state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}/{key}"] = value
+            else:
+                scalars[f"{index}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer_state(
+    optimiser: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _plot_curves(curves: list[dict[str, float]], recovery: list[dict[str, Any]], out: dict[str, Path]) -> None:
+    """Training curves (query loss/acc, meta-val acc) and recovery curves (teacher acc per inner step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    if curves:
+        its = [c["iteration"] for c in curves]
+        axes[0].plot(its, [c["query_acc"] for c in curves], label="pseudo-task query acc", alpha=0.6)
+        val = [(c["iteration"], c["val_acc"]) for c in curves if "val_acc" in c]
+        if val:
+            axes[0].plot(*zip(*val, strict=True), "o-", label="meta-val acc")
+        axes[0].set_xlabel("meta-iteration")
+        axes[0].legend()
+    if recovery:
+        steps = len(recovery[-1]["curve"])
+        tenth = max(1, len(recovery) // 10)
+        for label, chunk in (("first", recovery[:tenth]), ("last", recovery[-tenth:])):
+            mean = [sum(t["curve"][s]["teacher_acc"] for t in chunk) / len(chunk) for s in range(steps)]
+            axes[1].plot(range(steps), mean, "o-", label=f"{label} 10% of recoveries")
+        axes[1].set_xlabel("inner step")
+        axes[1].set_ylabel("teacher accuracy on recovered batch")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out["metalearner"] / "curves.png", dpi=100)
+    plt.close(fig)

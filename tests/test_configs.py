@@ -109,7 +109,8 @@ def test_yaml_round_trip_is_resolved() -> None:
         (["method.name=nonsense"], "method.name"),
         (["device=tpu"], "device"),
         (["teachers.n_teachers=2", "inversion.teachers_per_step=3"], "inversion.teachers_per_step"),
-        (["metalearn.k_shot=30", "taskcache.slots=1"], "metalearn.k_shot"),
+        (["metalearn.k_shot=10", "metalearn.q_query=15"], "taskcache.images_per_slot"),
+        (["inversion.images_per_class=10"], "inversion.images_per_class"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], key: str) -> None:

@@ -136,11 +136,19 @@ def validate(cfg: Config) -> Config:
             f"{ml.n_way} is larger than the {t.n_way} classes a teacher knows (teachers.n_way); "
             "lower it or let pseudo tasks mix teachers (taskcache.mix_teachers=true)",
         )
+    # A fresh teacher's class holds one slot after its first recovery, and pseudo tasks are drawn
+    # from fresh teachers at once: one slot must already hold a support + query set.
     need(
-        ml.k_shot + ml.q_query <= tc.slots * tc.images_per_slot,
-        "metalearn.k_shot",
-        f"k_shot + q_query = {ml.k_shot + ml.q_query} images per class exceed what the bank holds per class "
-        f"(taskcache.slots * taskcache.images_per_slot = {tc.slots * tc.images_per_slot})",
+        ml.k_shot + ml.q_query <= tc.images_per_slot,
+        "taskcache.images_per_slot",
+        f"{tc.images_per_slot} images per class and slot cannot hold metalearn.k_shot + metalearn.q_query = "
+        f"{ml.k_shot + ml.q_query}",
+    )
+    need(
+        inv.images_per_class >= tc.images_per_slot,
+        "inversion.images_per_class",
+        f"{inv.images_per_class} recovered images per class cannot fill a bank slot of "
+        f"taskcache.images_per_slot={tc.images_per_slot}",
     )
 
     ev = cfg.evaluate

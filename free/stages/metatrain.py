@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from free.evaluate import evaluate
-from free.taskcache import MemoryBank
 
 from free.artifacts import (
     fingerprint,
@@ -47,6 +45,7 @@ from free.checkpoints import classifier_meta, load_classifier, save_classifier
 from free.config.schema import Config
 from free.data import EpisodeSampler, load_splits
 from free.data.base import Progress
+from free.evaluate import evaluate
 from free.inversion import (
     InversionSettings,
     LossWeights,
@@ -58,6 +57,7 @@ from free.inversion import (
 from free.maml import Params, logits, split_state
 from free.metalearn import MetaSettings, meta_update
 from free.models import Generator, build_classifier
+from free.taskcache import MemoryBank
 
 
 def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Stage entry points: compose config, call the core, write artifacts."""

@@ -276,6 +276,7 @@ class MetaTrainLoop:
             ml.inner_lr,
             seed=self.cfg.seed + 3,
             episode_batch=ev.episode_batch,
+            vectorised=self.device.type != "cpu",  # vmap is slower than the loop on CPU (measured)
         )
         acc = accs.mean().item()
         self.curves[-1]["val_acc"] = acc

@@ -48,10 +48,23 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={"meta": json.dumps(meta or {})})
+    save_file(_unshared(tensors), str(tmp), metadata={"meta": json.dumps(meta or {})})
     os.replace(tmp, path)
     return sha256_file(path)
+
+
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies where needed; safetensors refuses two names for one storage, which
+    happens when a state holds the same weights twice (e.g. current and best parameters)."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        result[name] = tensor
+    return result
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -107,6 +107,7 @@ def test_yaml_round_trip_is_resolved() -> None:
         (["dataset.split.train=0.9", "dataset.split.val=0.2"], "dataset.split"),
         (["inversion.mode=magic"], "inversion.mode"),
         (["method.name=nonsense"], "method.name"),
+        (["method=random_init", "metalearn.iterations=5"], "metalearn.iterations"),
         (["device=tpu"], "device"),
         (["teachers.n_teachers=2", "inversion.teachers_per_step=3"], "inversion.teachers_per_step"),
         (["metalearn.k_shot=10", "metalearn.q_query=15"], "taskcache.images_per_slot"),

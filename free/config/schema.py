@@ -121,8 +121,8 @@ class MetaLearnConfig:
     k_shot: int = 1
     q_query: int = 15
     inner_steps: int = 5
-    inner_lr: float = 0.01
-    outer_lr: float = 1e-3
+    inner_lr: float = 0.1
+    outer_lr: float = 0.01  # alpha: SGD step per task along the sequence
     meta_batch: int = 4  # pseudo tasks per meta-iteration
     iterations: int = 2000
     align: bool = True  # sequential per-task steps + Reptile move (implicit gradient alignment)

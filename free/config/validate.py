@@ -164,6 +164,11 @@ def validate(cfg: Config) -> Config:
     at_least("evaluate.episode_batch", ev.episode_batch, 1)
 
     one_of("method.name", cfg.method.name, METHODS, "method")
+    need(
+        cfg.method.name != "random_init" or ml.iterations == 0,
+        "metalearn.iterations",
+        f"method=random_init means no meta-training, but metalearn.iterations={ml.iterations}",
+    )
 
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))

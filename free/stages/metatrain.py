@@ -15,7 +15,7 @@ Each meta-iteration (Wei et al., CVPR 2024, Alg. 1):
 
 Outputs: ``artifacts/metalearner/`` (best initialisation + card + curves), ``artifacts/generator/``
 (meta-generator weights, recovery curves, sample grids), ``artifacts/taskcache/`` (the bank).
-Resume state lives under ``<cache_dir>/state/metatrain-<fingerprint>/`` and is written every
+Resume state lives under ``<artifacts>/.state/metatrain-<fingerprint>/`` and is written every
 ``checkpoint_every`` iterations; a rerun continues from it and ends with the same artifacts as an
 unbroken run. A finished stage with the same inputs does nothing.
 """
@@ -72,7 +72,7 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
         return read_json(out["metalearner"] / "card.json")
 
     loop = MetaTrainLoop(cfg, device, _load_zoo(root / "teachers", cfg, device))
-    state_dir = Path(cfg.paths.cache_dir) / "state" / f"metatrain-{fp[:16]}"
+    state_dir = root / ".state" / f"metatrain-{fp[:16]}"  # beside its outputs, not shared between runs
     loop.restore(state_dir)
     iterations = range(loop.iteration, cfg.metalearn.iterations)
     if progress is not None and len(iterations):

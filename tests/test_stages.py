@@ -1,0 +1,175 @@
+"""Stages end to end: resume after a kill, no-op reruns, disjoint classes, the tiny pipeline on real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from free.artifacts import read_json
+from free.config import compose
+from free.stages import data, metatest, metatrain, teachers
+from free.stages.metatrain import MetaTrainLoop
+
+# A small but complete setup on the fake Omniglot (24 classes x 4 images): 12 / 6 / 6 classes.
+FAKE = [
+    "dataset.split.train=0.5",
+    "dataset.split.val=0.25",
+    "teachers.n_teachers=3",
+    "teachers.width=8",
+    "teachers.max_epochs=2",
+    "model.width=8",
+    "inversion.teachers_per_step=2",
+    "inversion.images_per_class=4",
+    "inversion.scratch_steps=3",
+    "inversion.adv_warmup=2",
+    "taskcache.slots=3",
+    "taskcache.images_per_slot=4",
+    "metalearn.k_shot=1",
+    "metalearn.q_query=3",
+    "metalearn.iterations=6",
+    "metalearn.val_every=3",
+    "metalearn.val_episodes=4",
+    "metalearn.checkpoint_every=2",
+    "metalearn.distill=0.5",
+    "evaluate.episodes=4",
+    "evaluate.q_query=3",
+    "evaluate.shots=[1]",
+    "threads=1",
+]
+
+
+def fake_config(root: Path, artifacts: Path, *extra: str):
+    return compose([f"dataset.root={root}", f"paths.artifacts_dir={artifacts}", *FAKE, *extra])
+
+
+def prepare(cfg) -> None:
+    data.run(cfg)
+    teachers.run(cfg)
+
+
+def outputs_without_timings(artifacts: Path) -> dict[str, object]:
+    """Every metatrain output, with wall-clock fields (which differ run to run) removed."""
+
+    def strip(obj: object) -> object:
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if "seconds" not in k}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    result = {}
+    for directory in ("metalearner", "generator", "taskcache"):
+        for path in sorted((artifacts / directory).iterdir()):
+            if path.suffix == ".json":
+                result[f"{directory}/{path.name}"] = strip(read_json(path))
+            elif path.suffix == ".safetensors":
+                result[f"{directory}/{path.name}"] = path.read_bytes()
+    return result
+
+
+def test_metatrain_resumes_after_a_kill_with_the_same_artifacts(
+    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unbroken = fake_config(fake_omniglot, tmp_path / "unbroken")
+    prepare(unbroken)
+    metatrain.run(unbroken)
+
+    broken = fake_config(fake_omniglot, tmp_path / "broken")
+    prepare(broken)
+    original_step = MetaTrainLoop.step
+
+    def dies_at_iteration_5(self: MetaTrainLoop) -> None:  # fault injection: the process is killed
+        if self.iteration == 4:
+            raise KeyboardInterrupt
+        original_step(self)
+
+    monkeypatch.setattr(MetaTrainLoop, "step", dies_at_iteration_5)
+    with pytest.raises(KeyboardInterrupt):
+        metatrain.run(broken)
+    assert not (tmp_path / "broken" / "metalearner" / "metalearner.safetensors").exists()
+    assert list((tmp_path / "broken" / ".state").glob("metatrain-*/state.safetensors"))  # checkpoint at 4
+    monkeypatch.setattr(MetaTrainLoop, "step", original_step)
+
+    resumed_from = []
+    original_restore = MetaTrainLoop.restore
+    monkeypatch.setattr(
+        MetaTrainLoop, "restore", lambda self, d: (original_restore(self, d), resumed_from.append(self.iteration))
+    )
+    metatrain.run(broken)
+    assert resumed_from == [4]
+    assert outputs_without_timings(tmp_path / "broken") == outputs_without_timings(tmp_path / "unbroken")
+    assert not list((tmp_path / "broken" / ".state").glob("metatrain-*"))  # state removed when done
+
+
+def test_finished_stages_do_nothing_and_changes_rerun(
+    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = fake_config(fake_omniglot, tmp_path)
+    prepare(cfg)
+    metatrain.run(cfg)
+    metatest.run(cfg)
+
+    class Trained(Exception):
+        pass
+
+    def step(self: MetaTrainLoop) -> None:
+        raise Trained
+
+    monkeypatch.setattr(MetaTrainLoop, "step", step)
+    metatrain.run(cfg)  # same inputs: returns without a single meta-iteration
+    with pytest.raises(Trained):  # a changed parameter trains again
+        metatrain.run(fake_config(fake_omniglot, tmp_path, "metalearn.iterations=7"))
+
+
+@pytest.mark.parametrize("method", ["free", "free_noalign", "scratch", "pixels", "random_init", "oracle"])
+def test_every_method_runs_through_the_same_stages(fake_omniglot: Path, tmp_path: Path, method: str) -> None:
+    extra = ["metalearn.iterations=0"] if method == "random_init" else []
+    cfg = fake_config(fake_omniglot, tmp_path, f"method={method}", *extra)
+    prepare(cfg)
+    summary = metatrain.run(cfg)
+    assert summary["iterations"] == (0 if method == "random_init" else 6)
+    card = read_json(tmp_path / "metalearner" / "card.json")
+    assert card["method"] == method and card["selected_on"] == "meta-val"
+    result = metatest.run(cfg)
+    assert set(result) >= {"5way_1shot", "episodes"} and 0 <= result["5way_1shot"]["acc"] <= 1
+
+
+def test_no_meta_test_class_reaches_training(fake_omniglot: Path, tmp_path: Path) -> None:
+    cfg = fake_config(fake_omniglot, tmp_path)
+    prepare(cfg)
+    metatrain.run(cfg)
+    classes = read_json(tmp_path / "data" / "splits.json")["classes"]
+    held_out = set(classes["val"]) | set(classes["test"])
+    zoo = read_json(tmp_path / "teachers" / "zoo.json")["teachers"]
+    assert all(not set(card["class_names"]) & held_out for card in zoo)
+    bank = read_json(tmp_path / "taskcache" / "manifest.json")
+    banked = {name for teacher in bank["teachers"] for name in teacher["class_names"]}
+    assert banked and not banked & held_out and banked <= set(classes["train"])
+
+
+@pytest.mark.data
+def test_tiny_pipeline_on_real_omniglot(real_omniglot_root: Path, tmp_path: Path) -> None:
+    """`free pipeline experiment=tiny` end to end (about a minute on 2 cores)."""
+    from typer.testing import CliRunner
+
+    from free.cli import app
+
+    args = ["pipeline", "experiment=tiny", f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={tmp_path}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics" / "metatest.json").read_text())
+    assert set(metrics) == {"5way_1shot", "5way_5shot", "episodes"} and metrics["episodes"] == 20
+    for key in ("5way_1shot", "5way_5shot"):
+        assert 0.2 <= metrics[key]["acc"] <= 1 and metrics[key]["ci95"] > 0
+    bank = read_json(tmp_path / "taskcache" / "manifest.json")
+    assert len(bank["teachers"]) >= 2  # every recovered teacher is kept, not only the last one
+    generator = read_json(tmp_path / "generator" / "recovery.json")["tasks"]
+    assert len(generator) == 20 * 2 and all(len(t["curve"]) == 6 for t in generator)  # K=5 steps + final
+    assert (tmp_path / "plots" / "metatest.png").is_file()
+    # Second run: every stage is done already.
+    weights = tmp_path / "metalearner" / "metalearner.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert weights.stat().st_mtime_ns == before

@@ -168,6 +168,8 @@ def test_tiny_pipeline_on_real_omniglot(real_omniglot_root: Path, tmp_path: Path
     generator = read_json(tmp_path / "generator" / "recovery.json")["tasks"]
     assert len(generator) == 20 * 2 and all(len(t["curve"]) == 6 for t in generator)  # K=5 steps + final
     assert (tmp_path / "plots" / "metatest.png").is_file()
+    grids = sorted((tmp_path / "generator" / "samples").glob("teacher_*.png"))
+    assert len(grids) == len(bank["teachers"])  # one sample grid per recovered teacher
     # Second run: every stage is done already.
     weights = tmp_path / "metalearner" / "metalearner.safetensors"
     before = weights.stat().st_mtime_ns

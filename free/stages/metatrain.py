@@ -366,6 +366,7 @@ class MetaTrainLoop:
         )
         write_json(out["generator"] / "recovery.json", {"sha256": generator_sha, "tasks": self.recovery_curves})
         self.bank.save(out["taskcache"])
+        _save_sample_grids(self.bank, out["generator"] / "samples")
         _plot_curves(self.curves, self.recovery_curves, out)
         return {
             "best_val_acc": card["best_val_acc"],
@@ -396,6 +397,16 @@ def _load_optimizer_state(
         index, name = key.split("/", 1)
         state.setdefault(int(index), {})[name] = value
     optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_sample_grids(bank: MemoryBank, directory: Path, per_class: int = 8) -> None:
+    """One PNG per teacher: a row per class, its newest recovered images (people want to look at them)."""
+    from torchvision.utils import save_image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for teacher_id in bank.teachers():
+        grid = bank.to_grid_tensor(teacher_id, per_class)  # (n_classes * per_class, C, H, W)
+        save_image(grid, directory / f"teacher_{teacher_id:03d}.png", nrow=per_class, padding=1)
 
 
 def _plot_curves(curves: list[dict[str, float]], recovery: list[dict[str, Any]], out: dict[str, Path]) -> None:

@@ -59,6 +59,7 @@ def build_from_meta(meta: dict[str, Any]) -> nn.Module:
         meta["mean"],
         meta["std"],
         track_running_stats=meta["track_running_stats"],
+        head=meta.get("head", "linear"),
     )
 
 

@@ -56,10 +56,25 @@ def adapt(
     Returns:
         The adapted parameters ``phi``.
     """
+    if getattr(model, "head", "linear") == "proto":
+        params = prototype_head(model, params, buffers, x, y)
     for _ in range(steps):
         grads = loss_grad(model, params, buffers, x, y)
         params = {name: p - lr * grads[name] for name, p in params.items()}
     return params
+
+
+def prototype_head(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
+    """Set the linear head from class prototypes ``c_k`` (mean support feature of class ``k``):
+    ``W_k = 2 c_k``, ``b_k = -||c_k||^2``, so that ``logits_k = -||f - c_k||^2 + ||f||^2`` - a
+    nearest-prototype classifier (ProtoNets, Snell et al. 2017) that the inner steps then refine.
+    """
+    weight_name, bias_name = model.HEAD_WEIGHT, model.HEAD_BIAS
+    n_classes = params[weight_name].shape[0]
+    features = functional_call(model, (params, buffers), (x,), {"features_only": True})  # (N*K, D)
+    one_hot = F.one_hot(y, n_classes).to(features.dtype)  # (N*K, N)
+    prototypes = (one_hot.T @ features) / one_hot.sum(dim=0).clamp(min=1).unsqueeze(1)  # (N, D)
+    return {**params, weight_name: 2 * prototypes, bias_name: -(prototypes**2).sum(dim=1)}
 
 
 def accuracy(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -58,3 +58,20 @@ def test_adaptation_fits_the_support_set() -> None:
 def test_accuracy_over_last_dim() -> None:
     scores = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.9, 0.1], [0.9, 0.1]]])
     assert accuracy(scores, torch.tensor([[0, 1], [0, 1]])).tolist() == [1.0, 0.5]
+
+
+def test_prototype_head_is_a_nearest_prototype_classifier_before_any_step() -> None:
+    torch.manual_seed(3)
+    model = build_classifier("conv4", 1, 3, 28, 8, [0.5], [0.25], track_running_stats=False, head="proto")
+    x_s, y_s = torch.rand(9, 1, 28, 28), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    x_q = torch.rand(12, 1, 28, 28)
+    params, buffers = split_state(model)
+    adapted = adapt(model, params, buffers, x_s, y_s, steps=0, lr=0.1)
+    with torch.no_grad():  # naive reference: distances to class means of the support features
+        f_s, f_q = model.features(x_s), model.features(x_q)
+        prototypes = torch.stack([f_s[y_s == k].mean(0) for k in range(3)])
+        nearest = torch.cdist(f_q, prototypes).argmin(dim=1)
+    assert torch.equal(logits(model, adapted, buffers, x_q).argmax(dim=1), nearest)
+    linear = build_classifier("conv4", 1, 3, 28, 8, [0.5], [0.25], track_running_stats=False)
+    linear.load_state_dict(model.state_dict())
+    assert adapt(linear, params, buffers, x_s, y_s, steps=0, lr=0.1) is params  # linear head: untouched

@@ -27,16 +27,29 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class Classifier(nn.Sequential):
-    """``Normalize`` then a registered backbone; parameters are named ``net.*``."""
+class Classifier(nn.Module):
+    """``Normalize`` then a registered backbone; parameters are named ``net.*``.
 
-    def __init__(self, norm: Normalize, net: nn.Module) -> None:
+    ``head`` is ``"linear"`` (MAML: the linear layer ``net.classifier`` is meta-learned like every
+    other weight) or ``"proto"`` (Proto-MAML, Triantafillou et al. 2020: at the start of each
+    adaptation the linear layer is set from the support prototypes; see :func:`free.maml.adapt`).
+    """
+
+    HEAD_WEIGHT, HEAD_BIAS = "net.classifier.weight", "net.classifier.bias"
+
+    def __init__(self, norm: Normalize, net: nn.Module, head: str = "linear") -> None:
         super().__init__()
-        self.add_module("norm", norm)
-        self.add_module("net", net)
+        if head not in ("linear", "proto"):
+            raise ValueError(f"head must be linear or proto, got {head!r}")
+        self.norm, self.net, self.head = norm, net, head
+
+    def forward(self, x: torch.Tensor, features_only: bool = False) -> torch.Tensor:
+        """``(B, C, H, W)`` in [0, 1] -> logits ``(B, n_classes)``, or features ``(B, D)``."""
+        z = self.norm(x)
+        return self.net.features(z) if features_only else self.net(z)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.features(self.norm(x))
+        return self(x, features_only=True)
 
 
 def build_classifier(
@@ -48,6 +61,7 @@ def build_classifier(
     mean: Sequence[float],
     std: Sequence[float],
     track_running_stats: bool = True,
+    head: str = "linear",
 ) -> Classifier:
     """A normalising classifier: teachers use running BN statistics (``track_running_stats=True``);
     the meta-learner uses batch statistics (``False``), as MAML does, which also keeps it free of
@@ -60,4 +74,4 @@ def build_classifier(
         width=width,
         track_running_stats=track_running_stats,
     )
-    return Classifier(Normalize(mean, std), net)
+    return Classifier(Normalize(mean, std), net, head)

@@ -135,6 +135,7 @@ class MetaTrainLoop:
                 ds.mean,
                 ds.std,
                 track_running_stats=False,
+                head=cfg.model.head,
             ).to(device)
             generator = Generator(ds.image_size, ds.channels, inv.latent_dim).to(device)
         self.params, self.buffers = split_state(self.learner)
@@ -341,6 +342,7 @@ class MetaTrainLoop:
         )
         card = {
             **meta,
+            "head": cfg.model.head,
             "method": cfg.method.name,
             "iterations": self.iteration,
             "best_iteration": self.best_iteration,

@@ -32,9 +32,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[ops,dev]" 2>&1 | $(QUIET_PIP)
 	touch $@
 
-run: setup  ## main job on embedded defaults: build and describe the offline data set
-	$(BIN)/free data build
-	$(BIN)/free data info
+run: setup  ## main job on embedded defaults: the whole pipeline on the tiny preset
+	$(BIN)/free pipeline experiment=tiny
 
 repro: setup  ## dvc repro with the project's python first on PATH (stage commands call `python`)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro

@@ -179,6 +179,36 @@ def intended_labels(n_way: int, per_class: int, device: torch.device | None = No
     return torch.arange(n_way, device=device).repeat_interleave(per_class)
 
 
+def _optimise(
+    variables: list[torch.Tensor],
+    render: Callable[[], torch.Tensor],
+    teacher: nn.Module,
+    y: torch.Tensor,
+    settings: InversionSettings,
+    rng: torch.Generator,
+    student: Student | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
+    """``settings.steps`` Adam steps on ``variables``, where ``render()`` draws the batch from them.
+
+    Returns (final images, final loss, curve). The final forward pass after the last update gives
+    both the recovered images and the loss whose gradient is the task's first-order meta-gradient.
+    """
+    teacher.eval()  # running statistics are the target of the BN term; never update them
+    stats = FeatureStatistics(teacher)
+    optimiser = torch.optim.Adam(variables, lr=settings.lr, betas=settings.betas)
+    curve = []
+    for step in range(settings.steps + 1):
+        x = render()
+        loss, parts = inversion_loss(teacher, stats, x, y, settings, rng, student)
+        curve.append({"step": step, **parts})
+        if step == settings.steps:
+            break
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return x.detach(), loss, curve
+
+
 def _optimise_generator(
     g: Generator,
     teacher: nn.Module,
@@ -187,26 +217,9 @@ def _optimise_generator(
     rng: torch.Generator,
     student: Student | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
-    """``settings.steps`` Adam steps on (g, z); returns (final images, final loss, curve).
-
-    The final forward pass after the last update gives both the recovered images and the loss whose
-    gradient is the task's first-order meta-gradient.
-    """
-    teacher.eval()  # running statistics are the target of the BN term; never update them
-    stats = FeatureStatistics(teacher)
+    """Optimise a generator and a fresh latent ``z`` (one per image) together."""
     z = g.sample_latent(len(y), generator=rng).requires_grad_(True)
-    optimiser = torch.optim.Adam([*g.parameters(), z], lr=settings.lr, betas=settings.betas)
-    curve = []
-    for step in range(settings.steps + 1):
-        x = g(z)
-        loss, parts = inversion_loss(teacher, stats, x, y, settings, rng, student)
-        curve.append({"step": step, **parts})
-        if step == settings.steps:
-            return x.detach(), loss, curve
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-    raise AssertionError("unreachable")
+    return _optimise([*g.parameters(), z], lambda: g(z), teacher, y, settings, rng, student)
 
 
 class MetaGenerator:
@@ -298,23 +311,12 @@ def recover_pixels(
 ) -> Recovery:
     """Baseline (PURER / DeepInversion): optimise the images themselves, as ``sigmoid(logits)``."""
     start = time.perf_counter()
-    teacher.eval()
     device = next(teacher.parameters()).device
     y = intended_labels(n_way, per_class, device=device)
     pixel_logits = torch.randn(len(y), channels, image_size, image_size, generator=rng).to(device).requires_grad_(True)
-    optimiser = torch.optim.Adam([pixel_logits], lr=settings.lr, betas=settings.betas)
-    stats = FeatureStatistics(teacher)
-    curve = []
-    for step in range(settings.steps + 1):
-        x = torch.sigmoid(pixel_logits)
-        loss, parts = inversion_loss(teacher, stats, x, y, settings, rng, student)
-        curve.append({"step": step, **parts})
-        if step == settings.steps:
-            break
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-    return Recovery(x.detach(), y, curve, time.perf_counter() - start)
+    render = lambda: torch.sigmoid(pixel_logits)  # noqa: E731 - images stay in [0, 1]
+    images, _, curve = _optimise([pixel_logits], render, teacher, y, settings, rng, student)
+    return Recovery(images, y, curve, time.perf_counter() - start)
 
 
 def _fresh_generator(image_size: int, channels: int, latent_dim: int, rng: torch.Generator) -> Generator:

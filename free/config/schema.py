@@ -9,7 +9,7 @@ Fields are documented where the method gives them meaning; see ``../shared/DESIG
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional  # OmegaConf structured configs need typing generics
 
 
@@ -47,6 +47,16 @@ class DatasetConfig:
     download: bool = False  # fetch with torchvision when online (Omniglot full set, CIFAR-100)
     mean: List[float] = field(default_factory=lambda: [0.5])  # input normalisation, per channel
     std: List[float] = field(default_factory=lambda: [0.5])
+
+
+# Where the files are and whether they may be downloaded does not change the data: leave them out of
+# what outputs are fingerprinted and described by, so artifacts are identical on every machine.
+MACHINE_SPECIFIC_DATASET_KEYS = ("root", "download")
+
+
+def dataset_settings(dataset: DatasetConfig) -> dict:
+    """The data set's settings that determine the data (no machine paths), for fingerprints and manifests."""
+    return {k: v for k, v in asdict(dataset).items() if k not in MACHINE_SPECIFIC_DATASET_KEYS}
 
 
 @dataclass

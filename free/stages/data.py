@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from free.artifacts import write_json
-from free.config.schema import Config
+from free.config.schema import Config, dataset_settings
 from free.data import build_splits, load_dataset, split_manifest
 from free.data.base import Progress
 
@@ -22,9 +20,9 @@ def run(cfg: Config, force: bool = False, progress: Progress | None = None) -> d
     ds = cfg.dataset
     raw, cache_file, from_cache = load_dataset(ds, cfg.paths.cache_dir, rebuild=force, progress=progress)
     splits = build_splits(raw, ds.split.train, ds.split.val, ds.split_seed, ds.rotations)
-    settings = {k: v for k, v in asdict(ds).items() if k not in ("root", "download")}
+    settings = dataset_settings(ds)
     manifest = Path(cfg.paths.artifacts_dir) / "data" / "splits.json"
-    write_json(manifest, json.loads(json.dumps(split_manifest(raw, splits, settings))))
+    write_json(manifest, split_manifest(raw, splits, settings))
     return {
         "dataset": ds.name,
         "classes": len(raw.class_names),

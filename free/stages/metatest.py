@@ -21,7 +21,7 @@ from typing import Any
 
 from free.artifacts import fingerprint, is_done, mark_done, read_json, resolve_device, set_threads, write_json
 from free.checkpoints import CheckpointError, load_classifier
-from free.config.schema import Config
+from free.config.schema import Config, dataset_settings
 from free.data import load_splits
 from free.data.base import Progress
 from free.evaluate import metatest
@@ -88,7 +88,7 @@ def run(cfg: Config, checkpoint: Path | None = None, progress: Progress | None =
 
 def _settings(cfg: Config) -> dict[str, Any]:
     """What the metrics depend on besides the checkpoint (machine paths excluded)."""
-    dataset = {k: v for k, v in asdict(cfg.dataset).items() if k not in ("root", "download")}
+    dataset = dataset_settings(cfg.dataset)
     return {"evaluate": asdict(cfg.evaluate), "inner_lr": cfg.metalearn.inner_lr, "dataset": dataset}
 
 

@@ -42,7 +42,7 @@ from free.artifacts import (
     write_json,
 )
 from free.checkpoints import classifier_meta, load_classifier, save_classifier
-from free.config.schema import Config
+from free.config.schema import Config, dataset_settings
 from free.data import EpisodeSampler, load_splits
 from free.data.base import Progress
 from free.evaluate import evaluate
@@ -91,7 +91,7 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
 
 def _settings(cfg: Config) -> dict[str, Any]:
     """What this stage's result depends on (machine paths and tracking excluded)."""
-    dataset = {k: v for k, v in asdict(cfg.dataset).items() if k not in ("root", "download")}
+    dataset = dataset_settings(cfg.dataset)
     return {
         "dataset": dataset,
         "model": asdict(cfg.model),

@@ -42,7 +42,7 @@ from free.artifacts import (
     write_json,
 )
 from free.checkpoints import CheckpointError, classifier_meta, model_from_state, save_classifier
-from free.config.schema import Config
+from free.config.schema import Config, dataset_settings
 from free.data import FewShotSplit, load_splits
 from free.data.base import Progress, sha256_file
 from free.models import build_classifier
@@ -212,7 +212,7 @@ def _reusable_card(out: Path, index: int, teacher_fp: str) -> dict[str, Any] | N
 
 def _settings(cfg: Config) -> dict[str, Any]:
     """What the zoo depends on: data set (without machine paths), teachers section, seed."""
-    dataset = {k: v for k, v in asdict(cfg.dataset).items() if k not in ("root", "download")}
+    dataset = dataset_settings(cfg.dataset)
     return {"dataset": dataset, "teachers": asdict(cfg.teachers), "seed": cfg.seed, "shift": SHIFT}
 
 
@@ -291,7 +291,7 @@ def import_teachers(cfg: Config, source_dir: Path) -> dict[str, Any]:
     loaded = [_load_import(p, cfg, split_classes) for p in card_paths]  # validates everything first
 
     sources = [*card_paths] + [weights for _, _, weights in loaded]
-    ds = {k: v for k, v in asdict(cfg.dataset).items() if k not in ("root", "download")}
+    ds = dataset_settings(cfg.dataset)
     fp = fingerprint({"import": True, "dataset": ds}, sources)
     if is_done(out, fp) and (out / "zoo.json").is_file():
         summary = read_json(out / "zoo.json")["summary"]

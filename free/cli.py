@@ -58,9 +58,15 @@ def friendly_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _compose(overrides: list[str] | None):
-    from free.config import compose
+# Set by the global --params option: stages read a resolved params file (how DVC runs them).
+_params_file: Path | None = None
 
+
+def _compose(overrides: list[str] | None):
+    from free.config import compose, load_params
+
+    if _params_file is not None:
+        return load_params(_params_file, overrides or [])
     return compose(overrides or [])
 
 
@@ -75,8 +81,18 @@ def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    params: Annotated[
+        Path | None,
+        typer.Option(
+            "--params",
+            help="Read the resolved config from this file (params.yaml, as DVC runs the stages) instead of "
+            "composing params/; trailing key=value arguments still override it.",
+        ),
+    ] = None,
 ) -> None:
     """FREE: recover pseudo data from a zoo of pre-trained classifiers and meta-learn from it."""
+    global _params_file
+    _params_file = params
 
 
 @config_app.command("show")
@@ -86,6 +102,30 @@ def config_show(overrides: Overrides = None) -> None:
     from free.config import to_yaml
 
     sys.stdout.write(to_yaml(_compose(overrides)))
+
+
+@config_app.command("params")
+@friendly_errors
+def config_params(
+    overrides: Overrides = None,
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write it.")] = Path("params.yaml"),
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 if the file differs from the composition.")
+    ] = False,
+) -> None:
+    """Write the resolved, machine-independent params.yaml that the DVC stages read (same as `dvc exp run -S`)."""
+    from free.config import params_yaml
+
+    text = params_yaml(overrides or [])
+    if check:
+        current = out_file.read_text(encoding="utf-8") if out_file.is_file() else None
+        if current != text:
+            err.print(f"{out_file} is not the composition of params/ with {overrides or []}; run `free config params`")
+            raise typer.Exit(1)
+        out.print(f"{out_file} is up to date")
+        return
+    out_file.write_text(text, encoding="utf-8")
+    out.print(f"wrote {out_file} ({' '.join(overrides or []) or 'defaults'})")
 
 
 @data_app.command("build")

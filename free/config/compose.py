@@ -33,35 +33,107 @@ def config_dir() -> Path:
     return path
 
 
-def compose_dictconfig(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``config.yaml`` with Hydra override strings, merged onto the typed schema.
+# Where things are on this machine comes from the environment, never from params/: the resolved
+# params.yaml (a DVC dependency) must be the same file on every machine. Explicit overrides win.
+ENV_SETTINGS = {
+    "FREE_DATA_DIR": "paths.data_dir",
+    "FREE_CACHE_DIR": "paths.cache_dir",
+    "MLFLOW_TRACKING_URI": "tracking.tracking_uri",
+    "FREE_S3_ENDPOINT_URL": "storage.s3_endpoint_url",
+}
 
-    Raises:
-        ConfigError: unknown key or group, bad override syntax, or a value of the wrong type.
-    """
+
+def env_settings() -> dict[str, str]:
+    """``{config key: value}`` for the machine settings set in the environment."""
+    return {key: os.environ[var] for var, key in ENV_SETTINGS.items() if os.environ.get(var)}
+
+
+def hydra_compose_raw(overrides: Sequence[str] = ()) -> DictConfig:
+    """Plain Hydra composition of ``config.yaml``, exactly as DVC's Hydra integration composes it."""
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name="free"):
-            composed = hydra_compose(config_name="config", overrides=list(overrides))
-        # Merging onto the structured schema checks types and rejects keys the schema lacks.
-        return OmegaConf.merge(OmegaConf.structured(Config), composed)
+            return hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_paragraph(err)) from err
 
 
+def compose_dictconfig(overrides: Sequence[str] = (), environment: bool = True) -> DictConfig:
+    """Compose ``config.yaml`` with Hydra override strings, merged onto the typed schema.
+
+    Machine settings from the environment (:data:`ENV_SETTINGS`) apply before ``overrides``.
+
+    Raises:
+        ConfigError: unknown key or group, bad override syntax, or a value of the wrong type.
+    """
+    env = [f"{key}={_quoted(value)}" for key, value in env_settings().items()] if environment else []
+    composed = hydra_compose_raw([*env, *overrides])
+    return _typed(composed)
+
+
 def compose(overrides: Sequence[str] = ()) -> Config:
-    """Compose, resolve interpolations (``${oc.env:...}``), type-check and validate the config."""
-    merged = compose_dictconfig(overrides)
+    """Compose, resolve interpolations, apply the environment, type-check and validate the config."""
+    return _finish(compose_dictconfig(overrides))
+
+
+def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config from a resolved params file (``params.yaml``), then the environment, then ``key=value`` overrides.
+
+    This is how the DVC stages read their parameters: DVC tracks the keys of the file, so the stage
+    must read that file and not compose the Hydra tree again.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found; write it with `free config params` (or `dvc exp run`)")
+    try:
+        loaded = OmegaConf.load(path)
+        env = OmegaConf.from_dotlist([f"{key}={value}" for key, value in env_settings().items()])
+        explicit = OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{path}: {_one_paragraph(err)}") from err
+    return _finish(_typed(OmegaConf.merge(loaded, env, explicit), source=str(path)))
+
+
+def params_yaml(overrides: Sequence[str] = ()) -> str:
+    """The resolved ``params.yaml`` for these overrides: machine-independent, byte-identical to
+    what ``dvc exp run -S`` writes with the ``[hydra]`` section of ``.dvc/config``.
+
+    Raises:
+        ConfigError: if the composition is invalid (checked exactly as :func:`compose` checks it).
+    """
+    raw = hydra_compose_raw(overrides)
+    _finish(_typed(raw.copy()))  # validate, discard
+    OmegaConf.resolve(raw)
+    return OmegaConf.to_yaml(raw)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, as ``free config show`` prints it."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _typed(composed: DictConfig, source: str = "config") -> DictConfig:
+    # Merging onto the structured schema checks types and rejects keys the schema lacks.
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), composed)
+    except OmegaConfBaseException as err:
+        prefix = "" if source == "config" else f"{source}: "
+        raise ConfigError(prefix + _one_paragraph(err)) from err
+
+
+def _finish(merged: DictConfig) -> Config:
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_paragraph(err)) from err
     assert isinstance(cfg, Config)
+    # A relative dataset root is a folder under paths.data_dir (params stay machine-independent).
+    if not Path(cfg.dataset.root).is_absolute():
+        cfg.dataset.root = str(Path(cfg.paths.data_dir) / cfg.dataset.root)
     return validate(cfg)
 
 
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, as it is logged and written to ``params.yaml``."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _one_paragraph(err: Exception) -> str:

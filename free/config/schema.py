@@ -38,7 +38,7 @@ class DatasetConfig:
     """The real few-shot data set: meta-train classes (oracle only), meta-val and meta-test."""
 
     name: str = "omniglot"  # omniglot | cifar_fs | mini_imagenet | cub
-    root: str = "data/omniglot"
+    root: str = "omniglot"  # folder under paths.data_dir, or an absolute path
     image_size: int = 28
     channels: int = 1
     split: SplitFractions = field(default_factory=SplitFractions)
@@ -171,8 +171,7 @@ class MethodConfig:
 class TrackingConfig:
     """MLflow tracking (used by the orchestration layer)."""
 
-    enabled: bool = False
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = "http://127.0.0.1:5000"  # env MLFLOW_TRACKING_URI wins
     experiment: str = "free"
     registered_model: str = "free-meta-learner"
 

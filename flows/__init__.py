@@ -1,5 +1,4 @@
-"""Prefect 3 orchestration of the pipeline's stages (orchestration only, no algorithm code).
+"""Prefect 3 orchestration of the FREE pipeline: flows, deployments, MLflow tracking and promotion.
 
-Empty for now: the flow ``free`` with deployment ``full-pipeline``, the promotion flow and the
-MLflow registry steps arrive with the orchestration work (see README, "Status").
+No algorithm code here: the flows run the stages of :mod:`free` through DVC and record the results.
 """

@@ -1,0 +1,216 @@
+"""MLflow side of the pipeline: one parent run per pipeline run, a nested run per stage, the model.
+
+Everything here reads what the stages wrote (``artifacts/``, ``dvc.lock``, ``params.yaml``) after
+they ran; the stages themselves know nothing about MLflow. The tracking server comes from
+``MLFLOW_TRACKING_URI`` (set by ``free stack``) or ``tracking.tracking_uri`` of the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+
+from free.config import Config
+
+STAGE_SECTIONS = {  # the config sections each stage reads (logged as the nested run's params)
+    "data": ("dataset",),
+    "teachers": ("seed", "dataset", "teachers"),
+    "metatrain": ("seed", "device", "model", "inversion", "taskcache", "metalearn", "method"),
+    "metatest": ("evaluate",),
+}
+CURVE_METRICS = ("query_acc", "query_loss", "teacher_acc", "inversion_loss", "recovery_seconds", "val_acc")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists stay one value."""
+    if isinstance(tree, dict):
+        flat: dict[str, str] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, list) else str(tree)}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def git_commit(project: Path) -> str:
+    """``HEAD`` of the project, with ``-dirty`` when tracked files changed; ``unknown`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=project, capture_output=True, text=True
+        )
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def client(cfg: Config) -> MlflowClient:
+    """A client of the configured tracking server (``MLFLOW_TRACKING_URI`` wins, see free.config)."""
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    return MlflowClient(cfg.tracking.tracking_uri)
+
+
+def start_parent(cfg: Config, params: dict, tags: dict[str, str]) -> str:
+    """Open the pipeline's parent run, left RUNNING until :func:`finish`. Returns its id."""
+    tracker = client(cfg)
+    experiment = tracker.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else tracker.create_experiment(cfg.tracking.experiment)
+    run = tracker.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName"))
+    _log(tracker, run.info.run_id, params=flatten(params))
+    return run.info.run_id
+
+
+def finish(cfg: Config, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    tracker = client(cfg)
+    _log(tracker, run_id, tags=tags or {})
+    tracker.set_terminated(run_id, status)
+
+
+def log_stage(parent_id: str, stage: str, project: Path, cfg: Config, params: dict, info: dict[str, Any]) -> str:
+    """A nested run for ``stage``: its config sections, metrics (curves with steps), artifacts, lineage."""
+    tracker = client(cfg)
+    parent = tracker.get_run(parent_id)
+    tags = {"mlflow.parentRunId": parent_id, **{f"stage.{k}": str(v) for k, v in info.items()}}
+    run_id = tracker.create_run(parent.info.experiment_id, tags=tags, run_name=stage).info.run_id
+    try:
+        _log(tracker, run_id, params=flatten({k: params[k] for k in STAGE_SECTIONS[stage] if k in params}))
+        LOGGERS[stage](tracker, run_id, project / cfg.paths.artifacts_dir)
+    except Exception:
+        tracker.set_terminated(run_id, "FAILED")
+        raise
+    tracker.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _log(tracker: MlflowClient, run_id: str, params: dict | None = None, metrics: dict | None = None,
+         step: int = 0, tags: dict | None = None) -> None:  # fmt: skip
+    now = int(time.time() * 1000)
+    params_list = [Param(k, v[:6000]) for k, v in (params or {}).items()]
+    for start in range(0, len(params_list), 100):  # the server takes at most 100 params per batch
+        tracker.log_batch(run_id, params=params_list[start : start + 100])
+    entries = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+    if entries or tags:
+        tracker.log_batch(run_id, metrics=entries, tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+
+
+def _log_input(tracker: MlflowClient, run_id: str, dataset: MetaDataset, context: str) -> None:
+    tag = InputTag(key="mlflow.data.context", value=context)
+    tracker.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])])
+
+
+def _log_data(tracker: MlflowClient, run_id: str, root: Path) -> None:
+    manifest = root / "data" / "splits.json"
+    name = json.loads(manifest.read_text()).get("dataset", {}).get("name", "dataset")
+    tracker.log_artifact(run_id, str(manifest), "data")
+    _log_input(tracker, run_id, _lineage("dataset", name, manifest), "meta-val/meta-test")
+
+
+def _log_teachers(tracker: MlflowClient, run_id: str, root: Path) -> None:
+    zoo_file = root / "teachers" / "zoo.json"
+    zoo = json.loads(zoo_file.read_text())
+    for step, card in enumerate(zoo["teachers"]):
+        if "val_acc" in card:
+            _log(tracker, run_id, metrics={"teacher_val_acc": card["val_acc"]}, step=step)
+    _log(tracker, run_id, metrics={"n_teachers": len(zoo["teachers"])})
+    tracker.log_artifact(run_id, str(zoo_file), "teachers")
+    _log_input(tracker, run_id, _lineage("teacher-zoo", "teacher-zoo", zoo_file, _zoo_digest(zoo)), "teachers")
+
+
+def _log_metatrain(tracker: MlflowClient, run_id: str, root: Path) -> None:
+    curves = json.loads((root / "metalearner" / "curves.json").read_text())
+    now = int(time.time() * 1000)
+    points = [Metric(k, float(p[k]), now, int(p["iteration"])) for p in curves for k in CURVE_METRICS if k in p]
+    for start in range(0, len(points), 1000):  # at most 1000 metrics per batch
+        tracker.log_batch(run_id, metrics=points[start : start + 1000])
+    card = json.loads((root / "metalearner" / "card.json").read_text())
+    _log(tracker, run_id, metrics={"best_val_acc": card["best_val_acc"], "best_iteration": card["best_iteration"]})
+    for path in ("metalearner/card.json", "metalearner/curves.png", "generator/recovery.json"):
+        tracker.log_artifact(run_id, str(root / path), path.split("/")[0])
+    samples = root / "generator" / "samples"
+    if samples.is_dir():
+        tracker.log_artifacts(run_id, str(samples), "generator/samples")
+
+
+def _log_metatest(tracker: MlflowClient, run_id: str, root: Path) -> None:
+    metrics = json.loads((root / "metrics" / "metatest.json").read_text())
+    _log(tracker, run_id, metrics=headline(metrics))
+    tracker.log_artifact(run_id, str(root / "metrics" / "metatest.json"), "metrics")
+    tracker.log_artifact(run_id, str(root / "plots" / "metatest.png"), "plots")
+
+
+LOGGERS = {"data": _log_data, "teachers": _log_teachers, "metatrain": _log_metatrain, "metatest": _log_metatest}
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """``{"acc_5way_1shot": .., "ci95_5way_1shot": .., ...}`` from ``metatest.json``."""
+    flat = {}
+    for setting, value in metrics.items():
+        if isinstance(value, dict):
+            flat[f"acc_{setting}"], flat[f"ci95_{setting}"] = float(value["acc"]), float(value["ci95"])
+    return flat
+
+
+def _zoo_digest(zoo: dict) -> str:
+    return sha256_bytes("\n".join(card["sha256"] for card in zoo["teachers"]).encode())
+
+
+def _lineage(kind: str, name: str, path: Path, digest: str | None = None) -> MetaDataset:
+    digest = digest or sha256_bytes(path.read_bytes())
+    return MetaDataset(source=HTTPDatasetSource(f"file://{path.name}#{kind}"), name=name, digest=digest[:16])
+
+
+def lineage_tags(project: Path, cfg: Config) -> dict[str, str]:
+    """Hashes that pin what a model came from: data split manifest, teacher zoo, DVC lock, git."""
+    root = project / cfg.paths.artifacts_dir
+    tags = {"git.commit": git_commit(project)}
+    hashed = {"dataset.splits_sha256": root / "data" / "splits.json", "dvc.lock_sha256": project / "dvc.lock"}
+    for key, path in hashed.items():
+        if path.is_file():
+            tags[key] = sha256_bytes(path.read_bytes())
+    zoo = root / "teachers" / "zoo.json"
+    if zoo.is_file():
+        tags["teachers.zoo_sha256"] = _zoo_digest(json.loads(zoo.read_text()))
+    return tags
+
+
+def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tuple[str, str]:
+    """Log the meta-learner as a pyfunc in the parent run and register it. Returns ``(name, version)``."""
+    from free.checkpoints import load_classifier
+    from free.serving import CARD, WEIGHTS, FewShotMetaLearner, input_example, signature
+
+    weights = project / cfg.paths.artifacts_dir / "metalearner" / "metalearner.safetensors"
+    _, meta = load_classifier(weights)  # validates the file before it goes to the registry
+    serving_card = {
+        **{k: meta[k] for k in ("arch", "n_classes", "channels", "image_size", "head")},
+        "test_inner_steps": cfg.evaluate.inner_steps,
+        "inner_lr": cfg.metalearn.inner_lr,
+        "metatest": metrics,
+    }
+    client(cfg)
+    # The fluent run context ends the parent as FINISHED on exit; the flow's `finish` sets the final state.
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=parent_id):
+        card_path = Path(tmp) / "card.json"
+        card_path.write_text(json.dumps(serving_card, indent=2))
+        info = mlflow.pyfunc.log_model(
+            name="meta-learner",
+            python_model=FewShotMetaLearner(),
+            artifacts={WEIGHTS: str(weights), CARD: str(card_path)},
+            signature=signature(meta),
+            input_example=input_example(meta, min(meta["n_classes"], cfg.evaluate.n_way)),
+            registered_model_name=cfg.tracking.registered_model,
+        )
+    return cfg.tracking.registered_model, str(info.registered_model_version)

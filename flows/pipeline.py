@@ -190,7 +190,7 @@ def full_pipeline(
     except BaseException:
         tracking.finish(cfg, parent_id, "FAILED")
         raise
-    tracking.finish(cfg, parent_id, "FINISHED", {**lineage, **tracking.headline(metrics)})
+    tracking.finish(cfg, parent_id, "FINISHED", tags=lineage, metrics=tracking.headline(metrics))
     summary = {"mlflow_run_id": parent_id, "metrics": metrics, "model": model}
     create_markdown_artifact(_report(cfg, parent_id, metrics, model, all_overrides), key="free-pipeline-report")
     return summary

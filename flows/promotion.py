@@ -84,7 +84,7 @@ def promote(client: MlflowClient, name: str, force: bool = False, actor: str = "
         client.set_model_version_tag(name, challenger.version, key, value[:5000])
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, challenger.version)
-    return {"promoted": decision.promote, "version": challenger.version, **record}
+    return {"promoted": decision.promote, "version": challenger.version, "reason": decision.reason, **record}
 
 
 @task(retries=3, retry_delay_seconds=5)  # the registry is a network service: a retry can help

@@ -74,9 +74,11 @@ def start_parent(cfg: Config, params: dict, tags: dict[str, str]) -> str:
     return run.info.run_id
 
 
-def finish(cfg: Config, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+def finish(
+    cfg: Config, run_id: str, status: str, tags: dict[str, str] | None = None, metrics: dict | None = None
+) -> None:
     tracker = client(cfg)
-    _log(tracker, run_id, tags=tags or {})
+    _log(tracker, run_id, tags=tags or {}, metrics=metrics)
     tracker.set_terminated(run_id, status)
 
 
@@ -189,8 +191,9 @@ def lineage_tags(project: Path, cfg: Config) -> dict[str, str]:
 
 def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tuple[str, str]:
     """Log the meta-learner as a pyfunc in the parent run and register it. Returns ``(name, version)``."""
+    from free import serving_model
     from free.checkpoints import load_classifier
-    from free.serving import CARD, WEIGHTS, FewShotMetaLearner, input_example, signature
+    from free.serving import CARD, WEIGHTS, input_example, signature
 
     weights = project / cfg.paths.artifacts_dir / "metalearner" / "metalearner.safetensors"
     _, meta = load_classifier(weights)  # validates the file before it goes to the registry
@@ -207,7 +210,7 @@ def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tupl
         card_path.write_text(json.dumps(serving_card, indent=2))
         info = mlflow.pyfunc.log_model(
             name="meta-learner",
-            python_model=FewShotMetaLearner(),
+            python_model=serving_model.__file__,  # models-from-code: no pickle in the registry
             artifacts={WEIGHTS: str(weights), CARD: str(card_path)},
             signature=signature(meta),
             input_example=input_example(meta, min(meta["n_classes"], cfg.evaluate.n_way)),

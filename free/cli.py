@@ -299,7 +299,7 @@ def stack_up(
     out.print(f"Prefect UI  {report['prefect_ui_url']}")
     out.print(f"MLflow UI   {report['mlflow_tracking_uri']}")
     out.print(f"S3          {report['s3_endpoint_url']}  DVC remote {report['dvc_remote']}")
-    out.print(f"Clients:    eval \"$(free stack env)\"   (credentials in {settings.state_dir}/credentials.env)")
+    out.print(f'Clients:    eval "$(free stack env)"   (credentials in {settings.state_dir}/credentials.env)')
 
 
 @stack_app.command("down")

@@ -71,7 +71,8 @@ class FewShotMetaLearner(mlflow.pyfunc.PythonModel):
         card = json.loads(Path(context.artifacts[CARD]).read_text())
         self.steps, self.lr = int(card["test_inner_steps"]), float(card["inner_lr"])
 
-    def predict(self, context: Any, model_input: dict[str, np.ndarray], params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads type hints as a schema)
+        """``model_input``: dict of arrays ``support_images``, ``support_labels``, ``query_images``."""
         missing = {"support_images", "support_labels", "query_images"} - set(model_input)
         if missing:
             raise FewShotRequestError(f"request lacks {sorted(missing)}")

@@ -155,6 +155,7 @@ def services(settings: StackSettings) -> list[Service]:
         worker_env = {
             **client_env(settings),
             "PREFECT_HOME": str(state / "prefect"),
+            "FREE_CONFIG_DIR": str(settings.project_dir / "params"),
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # stage commands call `python`
         }
         listed.append(

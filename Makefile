@@ -19,7 +19,7 @@ export FREE_DATA_DIR := $(SHARED_DATA)
 endif
 endif
 
-.PHONY: help setup run repro test test-all lint clean
+.PHONY: help setup run stack-up stack-down pipeline repro test test-all lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,7 +32,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[ops,dev]" 2>&1 | $(QUIET_PIP)
 	touch $@
 
-run: setup  ## main job on embedded defaults: the whole pipeline on the tiny preset
+run: stack-up  ## main job: local stack up, then `prefect deployment run free/full-pipeline` (tiny preset)
+	eval "$$($(BIN)/free stack env)"; $(BIN)/prefect deployment run free/full-pipeline --watch
+	@eval "$$($(BIN)/free stack env)"; \
+	echo; echo "Done. Where to look (the stack keeps running; stop it with: make stack-down):"; \
+	echo "  Prefect UI  $${PREFECT_API_URL%/api}  (flow run, stage logs, report artifact)"; \
+	echo "  MLflow UI   $$MLFLOW_TRACKING_URI  (experiment 'free', model free-meta-learner@challenger)"; \
+	echo "  S3          $$FREE_S3_ENDPOINT_URL  bucket 'free': dvc/ (DVC remote), mlflow/ (artifacts)"; \
+	echo "  Metrics     artifacts/metrics/metatest.json   Next: .venv/bin/free promote"
+
+stack-up: setup  ## start (or keep) the local Prefect, MLflow and S3 servers and the deployment worker
+	$(BIN)/free stack up
+
+stack-down:  ## stop the local stack (by PID); its data stays in state/
+	$(BIN)/free stack down
+
+pipeline: setup  ## the whole pipeline in this process, no services (tiny preset)
 	$(BIN)/free pipeline experiment=tiny
 
 repro: setup  ## dvc repro with the project's python first on PATH (stage commands call `python`)

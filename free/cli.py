@@ -253,11 +253,10 @@ StateDir = Annotated[
 ]
 
 
-def _stack_settings(state_dir: Path | None, **ports: int | None):
+def _stack_settings(state_dir: Path | None, **given: int | None):
     from free.stack import StackSettings
 
-    given = {k: v for k, v in ports.items() if v is not None}
-    return StackSettings(**({"state_dir": state_dir} if state_dir else {}), **given)
+    return StackSettings.load(state_dir, **given)
 
 
 def stack_errors(command: F) -> F:
@@ -292,9 +291,8 @@ def stack_up(
     from free import stack
 
     settings = _stack_settings(
-        state_dir, prefect_port=prefect_port, mlflow_port=mlflow_port, s3_port=s3_port, aux_port=aux_port
+        state_dir, prefect_port=prefect_port, mlflow_port=mlflow_port, s3_port=s3_port, aux_port=aux_port, worker=worker
     )
-    settings.worker = worker
     report = stack.up(settings, say=lambda line: out.print(line, highlight=False))
     out.print(f"Prefect UI  {report['prefect_ui_url']}")
     out.print(f"MLflow UI   {report['mlflow_tracking_uri']}")

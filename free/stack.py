@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -59,6 +59,18 @@ class StackSettings:
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
         self.project_dir = Path(self.project_dir).resolve()
+
+    @classmethod
+    def load(cls, state_dir: Path | None = None, **given: object) -> StackSettings:
+        """Settings of the stack in ``state_dir``: ``given`` values, else those recorded by the last
+        ``up`` (so status/down/env find the ports it used), else the environment, else defaults."""
+        settings = cls(**({"state_dir": state_dir} if state_dir else {}))
+        path = settings.state_dir / "stack.json"
+        recorded = json.loads(path.read_text()).get("settings", {}) if path.is_file() else {}
+        for key, value in {**recorded, **{k: v for k, v in given.items() if v is not None}}.items():
+            if key != "state_dir" and hasattr(settings, key):
+                setattr(settings, key, Path(value) if key == "project_dir" else value)
+        return settings
 
     @property
     def prefect_api_url(self) -> str:
@@ -109,6 +121,7 @@ def client_env(settings: StackSettings) -> dict[str, str]:
     return {
         **credentials(settings),
         "PREFECT_API_URL": settings.prefect_api_url,
+        "PREFECT_HOME": str(settings.state_dir / "prefect"),
         "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
         "FREE_S3_ENDPOINT_URL": settings.s3_endpoint_url,
         "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url,
@@ -154,7 +167,6 @@ def services(settings: StackSettings) -> list[Service]:
     if settings.worker:
         worker_env = {
             **client_env(settings),
-            "PREFECT_HOME": str(state / "prefect"),
             "FREE_CONFIG_DIR": str(settings.project_dir / "params"),
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # stage commands call `python`
         }
@@ -239,6 +251,7 @@ def up(settings: StackSettings, say: Callable[[str], None] = print) -> dict:
         (settings.state_dir / sub).mkdir(parents=True, exist_ok=True)
     state = _read_state(settings)
     state.update(_urls(settings))
+    state["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
     for service in services(settings):
         record = state["services"].get(service.name, {})
         if _ours(record.get("pid"), service.marker) and _healthy(service.health_url):

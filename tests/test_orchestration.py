@@ -1,0 +1,328 @@
+"""The three front doors with the real services on loopback: the local stack (SeaweedFS S3, MLflow,
+Prefect, deployment worker), ``prefect deployment run free/full-pipeline`` on the tiny preset,
+``dvc repro`` / ``dvc exp run`` / push / pull through the S3 server, the MLflow registry, promotion
+and the served pyfunc model.
+
+One stack and one pipeline run per session (in a copy of the project, on free ports), shared by the
+tests below in file order; about 4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from free import stack
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODEL = "free-meta-learner"
+
+
+def _free_block(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports."""
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        if all(_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _copy_project(dest: Path) -> None:
+    """The working tree's tracked files (uncommitted edits included), as a fresh git repository."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    (dest / ".dvc" / "config.local").unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+
+
+class Live:
+    def __init__(self, project: Path, settings: stack.StackSettings, env: dict[str, str]) -> None:
+        self.project, self.settings, self.env = project, settings, env
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            list(argv), cwd=self.project, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{argv} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.settings.mlflow_tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
+    """Stack up on free ports, the tiny pipeline run once through the deployment; stack down after."""
+    root = tmp_path_factory.mktemp("live")
+    project, cache = root / "project", root / "cache"
+    project.mkdir()
+    _copy_project(project)
+    aux = _free_block(9)
+    settings = stack.StackSettings(
+        state_dir=root / "state",
+        project_dir=project,
+        prefect_port=_free_block(1),
+        mlflow_port=_free_block(1),
+        s3_port=_free_block(1),
+        aux_port=aux,
+    )
+    machine = {"FREE_DATA_DIR": str(real_omniglot_root.parent), "FREE_CACHE_DIR": str(cache)}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in machine.items():
+            mp.setenv(key, value)
+        mp.delenv("FREE_STATE_DIR", raising=False)
+        try:
+            stack.up(settings, say=lambda line: None)
+            env = {
+                **os.environ,
+                **stack.client_env(settings),
+                "FREE_CONFIG_DIR": str(project / "params"),
+                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            }
+            yield Live(project, settings, env)
+        finally:
+            stack.down(settings, say=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(live: Live) -> subprocess.CompletedProcess:
+    started = time.time()
+    proc = live.run(str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch", timeout=900)
+    print(f"deployment run: {time.time() - started:.0f} s")
+    return proc
+
+
+def _lock(project: Path) -> dict:
+    return yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
+def _out_hashes(project: Path) -> dict[str, str]:
+    files = sorted(p for p in (project / "artifacts").rglob("*") if p.is_file() and ".state" not in p.parts)
+    return {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_stack_reports_where_things_run(live: Live) -> None:
+    proc = live.run(str(BIN / "free"), "stack", "status", "--json", "--state-dir", str(live.settings.state_dir))
+    report = json.loads(proc.stdout)
+    assert report["prefect_api_url"] == f"http://127.0.0.1:{live.settings.prefect_port}/api"
+    assert report["mlflow_tracking_uri"] == f"http://127.0.0.1:{live.settings.mlflow_port}"
+    assert report["s3_endpoint_url"] == f"http://127.0.0.1:{live.settings.s3_port}"
+    assert all(s["healthy"] for s in report["services"].values()), report["services"]
+    credentials = live.settings.state_dir / "credentials.env"
+    assert credentials.stat().st_mode & 0o077 == 0  # readable by the owner only
+
+
+def test_stack_up_twice_keeps_the_running_services(live: Live) -> None:
+    before = {k: v["pid"] for k, v in stack.status(live.settings)["services"].items()}
+    lines: list[str] = []
+    stack.up(live.settings, say=lines.append)
+    after = {k: v["pid"] for k, v in stack.status(live.settings)["services"].items()}
+    assert before == after
+    assert all("already running" in line for line in lines), lines
+
+
+def test_deployment_runs_the_tiny_pipeline_and_registers_a_challenger(live: Live, pipeline_run) -> None:
+    assert "Completed" in pipeline_run.stdout
+    client = live.client()
+    version = client.get_model_version_by_alias(MODEL, "challenger")
+    parent = client.get_run(version.tags["mlflow.run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["teachers.n_teachers"] == "4"  # the tiny preset, flattened
+    for key in ("git.commit", "dvc.lock_sha256", "dataset.splits_sha256", "teachers.zoo_sha256"):
+        assert len(version.tags[key]) >= 40, key
+    assert version.tags["dvc.lock_sha256"] == hashlib.sha256((live.project / "dvc.lock").read_bytes()).hexdigest()
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["data", "metatest", "metatrain", "teachers"]
+    metatrain = next(r for r in children if r.info.run_name == "metatrain")
+    curve = client.get_metric_history(metatrain.info.run_id, "query_acc")
+    assert [m.step for m in curve] == list(range(1, 21))  # tiny: 20 meta-iterations, one point each
+    artifacts = {a.path for a in client.list_artifacts(metatrain.info.run_id, "generator")}
+    assert "generator/samples" in artifacts
+    metrics = json.loads((live.project / "artifacts" / "metrics" / "metatest.json").read_text())
+    assert float(version.tags["metatest.5way_1shot.acc"]) == pytest.approx(metrics["5way_1shot"]["acc"])
+    assert parent.data.metrics["acc_5way_5shot"] == pytest.approx(metrics["5way_5shot"]["acc"])
+
+
+def test_dvc_repro_after_the_flow_runs_nothing(live: Live, pipeline_run) -> None:
+    lock = (live.project / "dvc.lock").read_text()
+    proc = live.run(str(BIN / "dvc"), "repro")
+    assert "Running stage" not in proc.stdout, proc.stdout
+    assert "up to date" in proc.stdout
+    assert (live.project / "dvc.lock").read_text() == lock
+
+
+def test_push_delete_pull_restores_identical_outputs(live: Live, pipeline_run) -> None:
+    assert "in sync" in live.run(str(BIN / "dvc"), "status", "--cloud").stdout  # the flow pushed already
+    before = _out_hashes(live.project)
+    shutil.rmtree(live.project / ".dvc" / "cache")
+    for out in ("teachers", "metalearner", "generator", "taskcache"):
+        shutil.rmtree(live.project / "artifacts" / out)
+    live.run(str(BIN / "dvc"), "pull")
+    assert _out_hashes(live.project) == before
+    assert "up to date" in live.run(str(BIN / "dvc"), "status").stdout
+
+
+def test_changing_one_parameter_reruns_only_the_stages_that_read_it(live: Live, pipeline_run) -> None:
+    # Through DVC's Hydra integration: composes params/ with the override and rewrites params.yaml.
+    proc = live.run(str(BIN / "dvc"), "exp", "run", "-S", "experiment=tiny", "-S", "evaluate.episodes=10")
+    ran = {
+        stage for stage in ("data", "teachers", "metatrain", "metatest") if f"Running stage '{stage}'" in proc.stdout
+    }
+    assert ran == {"metatest"}, proc.stdout
+    assert yaml.safe_load((live.project / "params.yaml").read_text())["evaluate"]["episodes"] == 10
+    assert json.loads((live.project / "artifacts" / "metrics" / "metatest.json").read_text())["episodes"] == 10
+    # Back to the committed params: DVC restores the metatest outputs from its cache, runs nothing.
+    live.run("git", "checkout", "params.yaml")
+    live.run(str(BIN / "dvc"), "repro")
+    assert json.loads((live.project / "artifacts" / "metrics" / "metatest.json").read_text())["episodes"] == 20
+
+
+def _episode(project: Path, env: dict[str, str], n_way: int = 5, queries: int = 3):
+    """A real 5-way 1-shot episode of meta-test classes, labels renamed to arbitrary values."""
+    from free.config import load_params
+    from free.data import load_splits
+
+    os.environ.update({k: env[k] for k in ("FREE_DATA_DIR", "FREE_CACHE_DIR")})
+    cfg = load_params(project / "params.yaml")
+    split = load_splits(cfg.dataset, cfg.paths.cache_dir)["test"]
+    images = split.images.float() / 255.0  # uint8 -> the [0, 1] intensities the model takes
+    rng = np.random.default_rng(3)
+    classes = rng.choice(split.n_classes, n_way, replace=False)
+    support, query, labels, query_labels = [], [], [], []
+    for label, c in zip([40, 7, 13, 99, 2], classes, strict=True):
+        idx = np.flatnonzero(split.labels.numpy() == c)[: 1 + queries]
+        support.append(images[idx[0]].numpy())
+        query.extend(images[i].numpy() for i in idx[1:])
+        labels.append(label)
+        query_labels.extend([label] * queries)
+    return {
+        "support_images": np.stack(support).astype(np.float32),
+        "support_labels": np.array(labels, dtype=np.int64),
+        "query_images": np.stack(query).astype(np.float32),
+    }, np.array(query_labels)
+
+
+def test_registered_pyfunc_predicts_like_the_core_and_is_served(live: Live, pipeline_run, monkeypatch) -> None:
+    import mlflow
+
+    from free.checkpoints import load_classifier
+    from free.config import load_params
+    from free.serving import predict_episode
+
+    for key in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(key, live.env[key])
+    mlflow.set_tracking_uri(live.settings.mlflow_tracking_uri)
+    request, truth = _episode(live.project, live.env)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger")
+    predicted = np.asarray(model.predict(request))
+
+    cfg = load_params(live.project / "params.yaml")
+    network, meta = load_classifier(live.project / "artifacts" / "metalearner" / "metalearner.safetensors")
+    reference = predict_episode(network, meta, **request, steps=cfg.evaluate.inner_steps, lr=cfg.metalearn.inner_lr)
+    assert predicted.tolist() == reference.tolist()
+    assert set(predicted.tolist()) <= set(request["support_labels"].tolist())
+    assert (predicted == truth).mean() > 0.2  # above chance on real meta-test classes (5-way: 0.2)
+
+    port = _free_block(1)
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@challenger", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=live.project, env=live.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        body = json.dumps({"inputs": {k: v.tolist() for k, v in request.items()}}).encode()
+        answer = None
+        for _ in range(120):
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+                )
+                answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                time.sleep(1)
+        assert answer is not None and answer["predictions"] == reference.tolist()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def _register_copy(client, source_version, acc: tuple[float, float], ci: float = 0.02) -> str:
+    """A new version of the same model files with the given meta-test accuracies, made challenger."""
+    new = client.create_model_version(
+        MODEL, source_version.source, run_id=source_version.run_id, model_id=source_version.model_id
+    )
+    tags = {k: v for k, v in source_version.tags.items() if not k.startswith("promotion.")}
+    tags.update({"metatest.5way_1shot.acc": str(acc[0]), "metatest.5way_5shot.acc": str(acc[1])})
+    tags.update({"metatest.5way_1shot.ci95": str(ci), "metatest.5way_5shot.ci95": str(ci)})
+    for key, value in tags.items():
+        client.set_model_version_tag(MODEL, new.version, key, value)
+    client.set_registered_model_alias(MODEL, "challenger", new.version)
+    return new.version
+
+
+def test_promotion_gate_both_ways(live: Live, pipeline_run) -> None:
+    client = live.client()
+    free_cli = str(BIN / "free")
+    first = client.get_model_version_by_alias(MODEL, "challenger")
+    # The first model becomes champion.
+    assert "promoted to champion" in live.run(free_cli, "promote").stdout
+    assert client.get_model_version_by_alias(MODEL, "champion").version == first.version
+    champion_acc = float(first.tags["metatest.5way_1shot.acc"]), float(first.tags["metatest.5way_5shot.acc"])
+    ci = float(first.tags["metatest.5way_1shot.ci95"])
+
+    # Clearly worse on 1-shot (beyond the CI of the difference): rejected, champion stays, reason recorded.
+    worse = _register_copy(client, first, (champion_acc[0] - 3 * ci - 0.05, champion_acc[1]))
+    rejected = live.run(free_cli, "promote", check=False)
+    assert rejected.returncode == 3, rejected.stdout + rejected.stderr
+    assert client.get_model_version_by_alias(MODEL, "champion").version == first.version
+    tags = client.get_model_version(MODEL, worse).tags
+    assert tags["promotion.decision"] == "rejected" and "5way_1shot" in tags["promotion.reason"]
+
+    # Forced through the Prefect promote flow: promoted, and the force is recorded.
+    live.run(str(BIN / "prefect"), "deployment", "run", "promote/promote", "-p", "force=true", "--watch")
+    assert client.get_model_version_by_alias(MODEL, "champion").version == worse
+    assert client.get_model_version(MODEL, worse).tags["promotion.forced"] == "true"
+
+    # Slightly lower but within the CI: promoted. No version was deleted along the way.
+    within = _register_copy(client, first, (champion_acc[0] - 3 * ci - 0.05 - 0.01, champion_acc[1]))
+    assert "promoted to champion" in live.run(free_cli, "promote").stdout
+    assert client.get_model_version_by_alias(MODEL, "champion").version == within
+    versions = {v.version for v in client.search_model_versions(f"name = '{MODEL}'")}
+    assert {first.version, worse, within} <= versions

@@ -48,13 +48,6 @@ def _dvc(*args: str, project: Path, env: dict[str, str] | None = None) -> subpro
     )
 
 
-def _lock_entry(project: Path, stage: str) -> Any:
-    import yaml
-
-    lock = project / "dvc.lock"
-    return yaml.safe_load(lock.read_text()).get("stages", {}).get(stage) if lock.is_file() else None
-
-
 @task(cache_policy=NO_CACHE)  # bad overrides do not get better on retry
 def write_params(project: Path, overrides: list[str]) -> dict:
     """Compose params/ with the overrides, write params.yaml, return the resolved tree."""
@@ -72,7 +65,6 @@ def write_params(project: Path, overrides: list[str]) -> dict:
 def run_stage(project: Path, stage: str) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``, its output in the task log, its progress as an artifact."""
     logger = get_run_logger()
-    before = _lock_entry(project, stage)
     with tempfile.TemporaryDirectory() as tmp:
         progress_file = Path(tmp) / "progress.json"
         proc = _dvc("repro", "--single-item", stage, project=project, env={"FREE_PROGRESS_FILE": str(progress_file)})
@@ -80,17 +72,18 @@ def run_stage(project: Path, stage: str) -> dict[str, Any]:
         watcher.start()
         assert proc.stdout is not None
         tail: list[str] = []
+        ran = False
         for line in proc.stdout:
             line = line.rstrip()
             if line:
                 logger.info("%s", line)
                 tail = [*tail[-19:], line]
+                ran = ran or line.startswith(f"Running stage '{stage}'")
         code = proc.wait()
         watcher.stop()
     if code != 0:
         raise RuntimeError(f"stage {stage} failed (dvc repro exit {code}):\n" + "\n".join(tail))
-    ran = _lock_entry(project, stage) != before
-    logger.info("stage %s: %s", stage, "ran" if ran else "unchanged, skipped by DVC")
+    logger.info("stage %s: %s", stage, "ran" if ran else "up to date (skipped or restored from the DVC cache)")
     return {"stage": stage, "ran": ran}
 
 

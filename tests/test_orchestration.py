@@ -286,8 +286,8 @@ def test_registered_pyfunc_predicts_like_the_core_and_is_served(live: Live, pipe
 def _register_copy(client, source_version, acc: tuple[float, float], ci: float = 0.02) -> str:
     """A new version of the same model files with the given meta-test accuracies, made challenger."""
     new = client.create_model_version(
-        MODEL, source_version.source, run_id=source_version.run_id, model_id=source_version.model_id
-    )
+        MODEL, source_version.source, run_id=source_version.run_id, model_id=source_version.source.split("/")[-1]
+    )  # the source is models:/<logged model id> (MLflow 3), which the server wants named
     tags = {k: v for k, v in source_version.tags.items() if not k.startswith("promotion.")}
     tags.update({"metatest.5way_1shot.acc": str(acc[0]), "metatest.5way_5shot.acc": str(acc[1])})
     tags.update({"metatest.5way_1shot.ci95": str(ci), "metatest.5way_5shot.ci95": str(ci)})
@@ -326,3 +326,30 @@ def test_promotion_gate_both_ways(live: Live, pipeline_run) -> None:
     assert client.get_model_version_by_alias(MODEL, "champion").version == within
     versions = {v.version for v in client.search_model_versions(f"name = '{MODEL}'")}
     assert {first.version, worse, within} <= versions
+
+
+def test_failed_flow_keeps_earlier_stages_and_a_rerun_resumes(live: Live, pipeline_run) -> None:
+    prefect = str(BIN / "prefect")
+    before = _lock(live.project)
+    # A real failure in the last stage: a 6-way meta-test of a 5-way meta-learner (CheckpointError).
+    failed = live.run(
+        prefect, "deployment", "run", "free/full-pipeline", "-p", 'overrides=["evaluate.n_way=6"]', "--watch",
+        check=False,
+    )  # fmt: skip
+    assert failed.returncode != 0 and "Failed" in failed.stdout
+    after = _lock(live.project)
+    assert {s: after[s] for s in ("data", "teachers", "metatrain")} == {
+        s: before[s] for s in ("data", "teachers", "metatrain")
+    }
+    assert (live.project / "artifacts" / "metalearner" / "metalearner.safetensors").is_file()
+    client = live.client()
+    experiment = client.get_experiment_by_name("free")
+    newest = client.search_runs([experiment.experiment_id], "tags.`pipeline.overrides` LIKE '%n_way=6%'")
+    assert newest and newest[0].info.status == "FAILED"
+
+    live.run(prefect, "deployment", "run", "free/full-pipeline", "--watch")
+    parent = client.get_model_version_by_alias(MODEL, "challenger").tags["mlflow.run_id"]
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    ran = {r.info.run_name: r.data.tags["stage.ran"] for r in children}
+    assert [ran["data"], ran["teachers"], ran["metatrain"]] == ["False", "False", "False"]  # resumed, not redone
+    assert json.loads((live.project / "artifacts" / "metrics" / "metatest.json").read_text())["episodes"] == 20

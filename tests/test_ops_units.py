@@ -74,6 +74,7 @@ def test_committed_params_yaml_is_the_tiny_composition_and_dvc_writes_the_same(t
 
 
 def test_params_file_then_environment_then_overrides(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("FREE_DATA_DIR", raising=False)  # make sets it; this test sets it itself below
     path = tmp_path / "params.yaml"
     path.write_text(params_yaml(["experiment=tiny", "paths.data_dir=/from/file"]))
     assert load_params(path).dataset.root == "/from/file/omniglot"

@@ -32,7 +32,13 @@ stack_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+bench_app = typer.Typer(
+    help="Benchmarks: recovery speed-up, accuracy table, evaluation throughput, pipeline overhead. "
+    "Each writes JSON + PNG under benchmarks/results/.",
+    no_args_is_help=True,
+)
 app.add_typer(stack_app, name="stack")
+app.add_typer(bench_app, name="bench")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -362,6 +368,70 @@ def promote(
     out.print(f"{model} v{result['version']}: {verdict} ({result['reason']})", highlight=False)
     if not result["promoted"] and result.get("promotion.decision") == "rejected":
         raise typer.Exit(3)
+
+
+BenchOut = Annotated[
+    Path | None, typer.Option("--out", help="Result JSON (default benchmarks/results/<benchmark>.json); PNG beside it.")
+]
+BENCH_WORK = Path("benchmarks") / "work"
+
+
+def _bench_compose(overrides: list[str] | None, work: str):
+    """``configs(method)``: the user's overrides with ``method=...`` and the bench's own artifacts dir."""
+    given = list(overrides or [])
+    if not any(o.split("=", 1)[0].lstrip("+") == "paths.artifacts_dir" for o in given):
+        given.append(f"paths.artifacts_dir={BENCH_WORK / work}")
+    return lambda method: _compose([*given, f"method={method}"])
+
+
+def _bench_command() -> str:
+    return " ".join(["free", *sys.argv[1:]])
+
+
+def _bench_done(name: str, result: dict, out_file: Path | None, plot) -> None:
+    from free.bench.common import write_result
+
+    path = write_result(name, result, out_file, _bench_command())
+    png = plot(result, path)
+    out.print(f"wrote {path} and {png}", highlight=False)
+
+
+@bench_app.command("recovery")
+@friendly_errors
+def bench_recovery(
+    overrides: Overrides = None,
+    seeds: Annotated[int, typer.Option(help="Recoveries per held-out teacher and method.")] = 3,
+    heldout: Annotated[int, typer.Option(help="The zoo's last teachers, unseen in meta-training.")] = 2,
+    max_steps: Annotated[int, typer.Option(help="Cap on any method's steps when a target is not reached.")] = 1000,
+    downstream: Annotated[
+        bool, typer.Option(help="Target (c): meta-train every method for FREE's wall time and meta-test.")
+    ] = True,
+    out_file: BenchOut = None,
+) -> None:
+    """Meta-generator vs from-scratch generator vs pixels on unseen teachers: speed-up at equal quality."""
+    from free.bench import recovery
+
+    settings = recovery.RecoveryBench(seeds, heldout, max_steps, downstream)
+    result = recovery.run(_bench_compose(overrides, "recovery"), settings, progress=bar, say=out.print)
+    _bench_done("recovery", result, out_file, recovery.plot)
+    table = Table("method", "(a) s to target", "steps", "(b) s to 90%", "s to 95%", "s/step", "reached (a)")
+    for method, entry in result["targets"].items():
+        a, b90, b95 = entry["quality_target"], entry["acc90"], entry["acc95"]
+        table.add_row(
+            method,
+            f"{a['seconds']:.3f}",
+            f"{a['steps']:g}",
+            f"{b90['seconds']:.3f}",
+            f"{b95['seconds']:.3f}",
+            f"{entry['seconds_per_step']:.4f}",
+            f"{a['reached']}/{a['of']}",
+        )
+    out.print(table)
+    bound = lambda m: ">= " if result[f"speedup_vs_{m}_is_lower_bound"] else ""  # noqa: E731
+    out.print(
+        f"speedup_vs_scratch {bound('scratch')}{result['speedup_vs_scratch']:.2f}x, "
+        f"speedup_vs_pixels {bound('pixels')}{result['speedup_vs_pixels']:.2f}x (equal combined loss)"
+    )
 
 
 def _headline(metrics: dict) -> dict:

@@ -36,6 +36,11 @@ from torch import nn
 from free.models import Generator
 
 Student = Callable[[torch.Tensor], torch.Tensor]  # images in [0, 1] -> (B, n_way) logits
+# Called at every step of a recovery with (step, the batch at that step, detached, seconds spent on
+# the recovery so far, this call excluded); returns True to stop after this step. Benchmarks use it
+# to measure quality without the measurement counting as recovery time.
+Probe = Callable[[int, torch.Tensor, float], bool]
+CURVE_KEYS = ("loss", "ce", "bn", "tv", "adv", "teacher_acc")
 
 
 @dataclass(frozen=True)
@@ -151,27 +156,25 @@ def inversion_loss(
     settings: InversionSettings,
     generator: torch.Generator,
     student: Student | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted inversion loss of a batch and its parts (floats, for curves)."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted inversion loss of a batch and its parts (detached 0-d tensors, for curves).
+
+    The parts stay tensors so that a recovery syncs with the device once at its end, not six times
+    per step (see :func:`_optimise`).
+    """
     w = settings.weights
     seen = random_shift(x, settings.max_shift, generator) if settings.augment else x
     with stats:
         teacher_logits = teacher(seen)  # (B, n_way)
     ce = F.cross_entropy(teacher_logits, y)
-    bn = stats.loss() if w.bn > 0 else torch.zeros(())
-    tv = total_variation(x) if w.tv > 0 else torch.zeros(())
-    adv = jensen_shannon(teacher_logits, student(seen)) if (student is not None and w.adv > 0) else torch.zeros(())
+    zero = x.new_zeros(())  # on x's device, so the curve's parts stack without a copy
+    bn = stats.loss() if (w.bn > 0 and stats.layers) else zero
+    tv = total_variation(x) if w.tv > 0 else zero
+    adv = jensen_shannon(teacher_logits, student(seen)) if (student is not None and w.adv > 0) else zero
     loss = w.ce * ce + w.bn * bn + w.tv * tv - w.adv * adv
     acc = (teacher_logits.argmax(dim=1) == y).float().mean()
-    parts = {
-        "loss": loss.item(),
-        "ce": ce.item(),
-        "bn": bn.item(),
-        "tv": tv.item(),
-        "adv": adv.item(),
-        "teacher_acc": acc.item(),
-    }
-    return loss, parts
+    parts = dict(zip(CURVE_KEYS, (loss, ce, bn, tv, adv, acc), strict=True))
+    return loss, {key: value.detach() for key, value in parts.items()}
 
 
 def intended_labels(n_way: int, per_class: int, device: torch.device | None = None) -> torch.Tensor:
@@ -187,26 +190,42 @@ def _optimise(
     settings: InversionSettings,
     rng: torch.Generator,
     student: Student | None,
+    probe: Probe | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
     """``settings.steps`` Adam steps on ``variables``, where ``render()`` draws the batch from them.
 
     Returns (final images, final loss, curve). The final forward pass after the last update gives
     both the recovered images and the loss whose gradient is the task's first-order meta-gradient.
+    A ``probe`` (see :data:`Probe`) may stop the recovery early; its own time is not counted.
     """
     teacher.eval()  # running statistics are the target of the BN term; never update them
     stats = FeatureStatistics(teacher)
     optimiser = torch.optim.Adam(variables, lr=settings.lr, betas=settings.betas)
-    curve = []
+    parts_per_step: list[dict[str, torch.Tensor]] = []
+    start, probing = time.perf_counter(), 0.0
     for step in range(settings.steps + 1):
         x = render()
         loss, parts = inversion_loss(teacher, stats, x, y, settings, rng, student)
-        curve.append({"step": step, **parts})
-        if step == settings.steps:
+        parts_per_step.append(parts)
+        stop = False
+        if probe is not None:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)  # host time means device time only after a sync
+            now = time.perf_counter()
+            stop = probe(step, x.detach(), now - start - probing)
+            probing += time.perf_counter() - now
+        if step == settings.steps or stop:
             break
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-    return x.detach(), loss, curve
+    return x.detach(), loss, _curve(parts_per_step)
+
+
+def _curve(parts_per_step: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    """Per-step floats from per-step tensors, with a single device-to-host copy."""
+    table = torch.stack([torch.stack([parts[k] for k in CURVE_KEYS]) for parts in parts_per_step]).tolist()
+    return [{"step": step, **dict(zip(CURVE_KEYS, row, strict=True))} for step, row in enumerate(table)]
 
 
 def _optimise_generator(
@@ -216,10 +235,11 @@ def _optimise_generator(
     settings: InversionSettings,
     rng: torch.Generator,
     student: Student | None,
+    probe: Probe | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
     """Optimise a generator and a fresh latent ``z`` (one per image) together."""
     z = g.sample_latent(len(y), generator=rng).requires_grad_(True)
-    return _optimise([*g.parameters(), z], lambda: g(z), teacher, y, settings, rng, student)
+    return _optimise([*g.parameters(), z], lambda: g(z), teacher, y, settings, rng, student, probe)
 
 
 class MetaGenerator:
@@ -253,12 +273,13 @@ class MetaGenerator:
         settings: InversionSettings,
         rng: torch.Generator,
         student: Student | None = None,
+        probe: Probe | None = None,
     ) -> Recovery:
         """Adapt a copy of the initialisation to ``teacher`` in ``settings.steps`` steps."""
         start = time.perf_counter()
         adapted = copy.deepcopy(self.generator)
         y = intended_labels(n_way, per_class, device=next(adapted.parameters()).device)
-        images, loss, curve = _optimise_generator(adapted, teacher, y, settings, rng, student)
+        images, loss, curve = _optimise_generator(adapted, teacher, y, settings, rng, student, probe)
         names = [name for name, _ in adapted.named_parameters()]
         if self.outer_update == "gradient":
             grads = torch.autograd.grad(loss, list(adapted.parameters()))
@@ -289,13 +310,14 @@ def recover_from_scratch(
     settings: InversionSettings,
     rng: torch.Generator,
     student: Student | None = None,
+    probe: Probe | None = None,
 ) -> Recovery:
     """Baseline: a freshly initialised generator (init drawn from ``rng``) trained for ``settings.steps``."""
     start = time.perf_counter()
     device = next(teacher.parameters()).device
     g = _fresh_generator(image_size, channels, latent_dim, rng).to(device)
     y = intended_labels(n_way, per_class, device=device)
-    images, _, curve = _optimise_generator(g, teacher, y, settings, rng, student)
+    images, _, curve = _optimise_generator(g, teacher, y, settings, rng, student, probe)
     return Recovery(images, y, curve, time.perf_counter() - start)
 
 
@@ -308,6 +330,7 @@ def recover_pixels(
     settings: InversionSettings,
     rng: torch.Generator,
     student: Student | None = None,
+    probe: Probe | None = None,
 ) -> Recovery:
     """Baseline (PURER / DeepInversion): optimise the images themselves, as ``sigmoid(logits)``."""
     start = time.perf_counter()
@@ -315,7 +338,7 @@ def recover_pixels(
     y = intended_labels(n_way, per_class, device=device)
     pixel_logits = torch.randn(len(y), channels, image_size, image_size, generator=rng).to(device).requires_grad_(True)
     render = lambda: torch.sigmoid(pixel_logits)  # noqa: E731 - images stay in [0, 1]
-    images, _, curve = _optimise([pixel_logits], render, teacher, y, settings, rng, student)
+    images, _, curve = _optimise([pixel_logits], render, teacher, y, settings, rng, student, probe)
     return Recovery(images, y, curve, time.perf_counter() - start)
 
 

@@ -71,7 +71,7 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
     if is_done(out["metalearner"], fp):
         return read_json(out["metalearner"] / "card.json")
 
-    loop = MetaTrainLoop(cfg, device, _load_zoo(root / "teachers", cfg, device))
+    loop = MetaTrainLoop(cfg, device, load_zoo(root / "teachers", cfg, device))
     state_dir = root / ".state" / f"metatrain-{fp[:16]}"  # beside its outputs, not shared between runs
     loop.restore(state_dir)
     iterations = range(loop.iteration, cfg.metalearn.iterations)
@@ -104,7 +104,7 @@ def _settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _load_zoo(directory: Path, cfg: Config, device: torch.device) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
+def load_zoo(directory: Path, cfg: Config, device: torch.device) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
     """Teachers of ``teachers/zoo.json`` (not needed by oracle / random_init)."""
     if cfg.metalearn.data == "real" or cfg.metalearn.iterations == 0:
         return []

@@ -1,0 +1,371 @@
+"""``free bench recovery``: how fast each method recovers data from teachers it has never seen.
+
+Three methods, the same held-out teachers, the same machine, one run:
+
+* ``meta``    - FREE's meta-generator after meta-training (on the *other* teachers of the zoo),
+  adapted to the teacher from its learned initialisation;
+* ``scratch`` - a freshly initialised generator (the from-scratch baseline);
+* ``pixels``  - the images optimised directly (PURER / DeepInversion).
+
+Every recovery is probed at every step (a forward pass that is *not* timed): the combined inversion
+loss ``w_ce * CE + w_bn * BN (+ w_tv * TV)`` of the current batch seen without augmentation, and the
+teacher's accuracy on it. Three targets:
+
+(a) *equal quality* - the combined loss the meta-generator reaches after its K inner steps
+    (``inversion.inner_steps``) on that teacher and seed. Each baseline runs its standard budget
+    (``inversion.scratch_steps``) and on, up to ``max_steps``, until it is as good.
+    ``speedup_vs_scratch = T_scratch(a) / T_meta(a)`` and ``speedup_vs_pixels`` likewise, with
+    ``T`` the median over held-out teachers of the median over seeds of the wall time to the
+    target. A median that never reached the target makes the ratio a lower bound (flagged).
+(b) *teacher accuracy* - time to >= 90% and >= 95% teacher accuracy.
+(c) *downstream* - the same meta-learner meta-trained for the same wall time (FREE's time for
+    ``metalearn.iterations`` iterations) on tasks recovered by each method, then meta-tested.
+
+Meta-training uses only the zoo's first ``n - heldout`` teachers, so (a) and (b) measure teachers
+the meta-generator never saw. Work files go under ``paths.artifacts_dir`` (the CLI points it at
+``benchmarks/work/recovery``), so the pipeline's own artifacts are not touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from free.artifacts import resolve_device, set_threads
+from free.bench.common import median, pyplot, savefig, synchronize, timed
+from free.config import to_yaml
+from free.config.schema import Config
+from free.data import load_splits
+from free.data.base import Progress
+from free.evaluate import metatest
+from free.inversion import (
+    FeatureStatistics,
+    InversionSettings,
+    LossWeights,
+    MetaGenerator,
+    Recovery,
+    intended_labels,
+    recover_from_scratch,
+    recover_pixels,
+    total_variation,
+)
+
+METHODS = ("meta", "scratch", "pixels")
+DOWNSTREAM = {"meta": "free", "scratch": "scratch", "pixels": "pixels"}  # method preset per recovery method
+ACCURACY_TARGETS = (0.90, 0.95)
+
+
+@dataclass(frozen=True)
+class RecoveryBench:
+    """The benchmark's own knobs (the method's are in the config)."""
+
+    seeds: int = 3  # recoveries per held-out teacher and method
+    heldout: int = 2  # the zoo's last teachers, never seen in meta-training
+    max_steps: int = 1000  # cap for every method when a target is not reached
+    downstream: bool = True  # target (c): meta-train scratch/pixels for FREE's wall time and meta-test
+
+
+class QualityProbe:
+    """Measures a recovery at every step (untimed; see :data:`free.inversion.Probe`) and stops it
+    once it is past ``min_steps`` and has reached both the quality target and 95% teacher accuracy."""
+
+    def __init__(
+        self, teacher: nn.Module, y: torch.Tensor, weights: LossWeights, min_steps: int, target: float | None
+    ) -> None:
+        self.teacher, self.y, self.weights = teacher, y, weights
+        self.min_steps, self.target = min_steps, target
+        self.stats = FeatureStatistics(teacher)
+        self.rows: list[dict[str, float]] = []
+
+    def __call__(self, step: int, x: torch.Tensor, seconds: float) -> bool:
+        w = self.weights
+        with torch.no_grad(), self.stats:
+            scores = self.teacher(x)
+        with torch.no_grad():
+            ce = F.cross_entropy(scores, self.y)
+            bn = self.stats.loss().to(ce.device)
+            tv = total_variation(x)
+            quality = w.ce * ce + w.bn * bn + w.tv * tv
+            acc = (scores.argmax(dim=1) == self.y).float().mean()
+        values = dict(
+            zip(("quality", "ce", "bn", "teacher_acc"), torch.stack([quality, ce, bn, acc]).tolist(), strict=True)
+        )
+        self.rows.append({"step": step, "seconds": seconds, **values})
+        if step < self.min_steps:
+            return False
+        accurate = max(r["teacher_acc"] for r in self.rows) >= max(ACCURACY_TARGETS)
+        good = self.target is None or min(r["quality"] for r in self.rows) <= self.target
+        return accurate and good
+
+
+def first_reaching(rows: list[dict[str, float]], ok: Callable[[dict[str, float]], bool]) -> dict[str, float]:
+    """Seconds and steps at the first probed step satisfying ``ok`` (``inf`` if none)."""
+    for row in rows:
+        if ok(row):
+            return {"seconds": row["seconds"], "steps": row["step"]}
+    return {"seconds": math.inf, "steps": math.inf}
+
+
+def run(
+    configs: Callable[[str], Config],
+    bench: RecoveryBench,
+    progress: Progress | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the benchmark. ``configs(method_preset)`` composes the user's config with ``method=<preset>``."""
+    from free.stages import data, teachers
+    from free.stages.metatrain import load_zoo
+
+    cfg = configs("free")
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data.run(cfg, progress=progress)
+    teachers.run(cfg, progress=progress)
+    zoo = load_zoo(Path(cfg.paths.artifacts_dir) / "teachers", cfg, device)
+    if not 1 <= bench.heldout < len(zoo):
+        raise ValueError(f"--heldout {bench.heldout} must be in 1..{len(zoo) - 1} (teachers.n_teachers={len(zoo)})")
+    seen, heldout = zoo[: -bench.heldout], zoo[-bench.heldout :]
+
+    say(f"meta-training FREE on {len(seen)} teachers ({cfg.metalearn.iterations} iterations)")
+    free_loop, free_result = _meta_train(cfg, device, seen, None, progress)
+    downstream = {"free": free_result}
+    if bench.downstream:
+        budget = free_result["seconds"]
+        for method in ("scratch", "pixels"):
+            say(f"meta-training with {method} recovery for the same wall time ({budget:.1f} s)")
+            downstream[method] = _meta_train(configs(method), device, seen, budget, progress)[1]
+
+    records = _recover_heldout(cfg, device, heldout, len(seen), free_loop.meta_generator, bench, progress)
+    summary = _summarise(records)
+    result: dict[str, Any] = {
+        "definition": {
+            "speedup": "T_scratch(a) / T_meta(a): median over held-out teachers of the median over seeds of the "
+            "wall time (probe excluded) to reach the combined inversion loss the meta-generator reaches after "
+            "K inner steps; same for pixels",
+            "quality": "w_ce*CE + w_bn*BN + w_tv*TV on the current batch without augmentation",
+            "teacher_acc": "teacher accuracy on the current batch without augmentation",
+            "downstream": "meta-test accuracy after meta-training for FREE's wall time (steps only, validation "
+            "excluded), best meta-val checkpoint",
+        },
+        "bench": asdict(bench),
+        "inner_steps": cfg.inversion.inner_steps,
+        "scratch_steps": cfg.inversion.scratch_steps,
+        "teachers": {"seen": len(seen), "heldout": len(heldout)},
+        **_speedups(summary),
+        "targets": summary,
+        "downstream": downstream if bench.downstream else None,
+        "recoveries": records,
+        "config": to_yaml(cfg),
+    }
+    return result
+
+
+def _meta_train(
+    cfg: Config, device: torch.device, zoo: list, budget: float | None, progress: Progress | None
+) -> tuple[Any, dict[str, Any]]:
+    """Meta-train for ``metalearn.iterations`` (``budget=None``) or ``budget`` seconds of steps,
+    validating on meta-val as often as the stage does; meta-test the best initialisation."""
+    from free.stages.metatrain import MetaTrainLoop
+
+    ml = cfg.metalearn
+    loop = MetaTrainLoop(cfg, device, zoo)
+    checks = max(1, ml.iterations // ml.val_every)  # validations per run, as in the stage
+    spent, done = 0.0, 0
+    if budget is None:
+        ticks = progress(range(ml.iterations), f"meta-train {cfg.method.name}", ml.iterations) if progress else None
+        for it in ticks or range(ml.iterations):
+            spent += timed(loop.step, device)[1]
+            if (it + 1) % ml.val_every == 0 or it + 1 == ml.iterations:
+                loop.validate()
+    else:
+        next_check = budget / checks
+        while spent < budget:
+            spent += timed(loop.step, device)[1]
+            done += 1
+            if spent >= next_check or spent >= budget:
+                loop.validate()
+                next_check += budget / checks
+    split = load_splits(cfg.dataset, cfg.paths.cache_dir)["test"]
+    tested = metatest(
+        loop.learner,
+        loop.best_params,
+        loop.buffers,
+        split,
+        cfg.evaluate,
+        ml.inner_lr,
+        vectorised=device.type != "cpu",
+    )
+    result = {
+        "method": cfg.method.name,
+        "iterations": loop.iteration,
+        "seconds": spent,
+        "best_val_acc": loop.best_val_acc,
+        "best_iteration": loop.best_iteration,
+        **{k: {"acc": v["acc"], "ci95": v["ci95"]} for k, v in tested.items() if isinstance(v, dict)},
+    }
+    return loop, result
+
+
+def _recover_heldout(
+    cfg: Config,
+    device: torch.device,
+    heldout: list,
+    first_id: int,
+    meta_generator: MetaGenerator,
+    bench: RecoveryBench,
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    """Every (held-out teacher, seed): the meta-generator first (it sets target (a)), then the baselines."""
+    inv, ds = cfg.inversion, cfg.dataset
+    weights = LossWeights(inv.loss.ce, inv.loss.bn, inv.loss.tv, 0.0)  # no student here: no adversarial term
+
+    def recover(method: str, teacher: nn.Module, n_way: int, seed: int, target: float | None) -> dict[str, Any]:
+        standard = inv.inner_steps if method == "meta" else inv.scratch_steps
+        lr = inv.pixels_lr if method == "pixels" else inv.inner_lr
+        settings = InversionSettings(max(bench.max_steps, standard), lr, tuple(inv.betas), weights, inv.augment)
+        y = intended_labels(n_way, inv.images_per_class, device=device)
+        probe = QualityProbe(teacher, y, weights, standard, target)
+        rng = torch.Generator().manual_seed(seed)
+        per_class = inv.images_per_class
+        synchronize(device)
+        r: Recovery
+        if method == "meta":
+            r = meta_generator.recover(teacher, n_way, per_class, settings, rng, probe=probe)
+        elif method == "scratch":
+            r = recover_from_scratch(
+                teacher, ds.image_size, ds.channels, inv.latent_dim, n_way, per_class, settings, rng, probe=probe
+            )
+        else:
+            r = recover_pixels(teacher, ds.image_size, ds.channels, n_way, per_class, settings, rng, probe=probe)
+        del r
+        return {"standard_steps": standard, "curve": probe.rows}
+
+    # One untimed warm-up per method: first calls pay for allocations and lazy initialisation.
+    warm_teacher, warm_meta = heldout[0]
+    for method in METHODS:
+        recover(method, warm_teacher, warm_meta["n_classes"], 10**6, None)
+
+    pairs = [(t, s) for t in range(len(heldout)) for s in range(bench.seeds)]
+    records = []
+    for t, s in progress(pairs, "recovery (held-out teachers x seeds)", len(pairs)) if progress else pairs:
+        teacher, meta = heldout[t]
+        seed = cfg.seed * 1000 + s
+        record: dict[str, Any] = {"teacher": first_id + t, "seed": seed}
+        runs = {"meta": recover("meta", teacher, meta["n_classes"], seed, None)}
+        target = runs["meta"]["curve"][inv.inner_steps]["quality"]
+        for method in ("scratch", "pixels"):
+            runs[method] = recover(method, teacher, meta["n_classes"], seed, target)
+        record["target_quality"] = target
+        for method, run_ in runs.items():
+            record[method] = _measure(run_, target, method == "meta")
+        records.append(record)
+    return records
+
+
+def _measure(run_: dict[str, Any], target: float, is_meta: bool) -> dict[str, Any]:
+    """The three targets of one recovery, plus its cost per step and its curve."""
+    rows, standard = run_["curve"], run_["standard_steps"]
+    at_standard = rows[min(standard, len(rows) - 1)]
+    if is_meta:  # by definition the meta-generator meets target (a) at step K
+        quality = {"seconds": at_standard["seconds"], "steps": standard}
+    else:
+        quality = first_reaching(rows, lambda r: r["quality"] <= target)
+    measured = {
+        "quality_target": quality,
+        **{
+            f"acc{round(thr * 100)}": first_reaching(rows, lambda r, thr=thr: r["teacher_acc"] >= thr)
+            for thr in ACCURACY_TARGETS
+        },
+        "at_standard_budget": {k: at_standard[k] for k in ("seconds", "quality", "ce", "bn", "teacher_acc")},
+        "seconds_per_step": rows[-1]["seconds"] / max(1, rows[-1]["step"]),
+        "steps_run": rows[-1]["step"],
+        "curve": [[r["seconds"], r["quality"], r["teacher_acc"]] for r in rows],
+    }
+    return measured
+
+
+def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per method and target: median over teachers of the median over seeds (``inf``: not reached)."""
+    teachers = sorted({r["teacher"] for r in records})
+
+    def med(method: str, pick: Callable[[dict[str, Any]], float]) -> float:
+        per_teacher = [median(pick(r[method]) for r in records if r["teacher"] == t) for t in teachers]
+        return median(per_teacher)
+
+    summary: dict[str, Any] = {}
+    for method in METHODS:
+        entry: dict[str, Any] = {}
+        for target in ("quality_target", *(f"acc{round(t * 100)}" for t in ACCURACY_TARGETS)):
+            entry[target] = {
+                "seconds": med(method, lambda m, target=target: m[target]["seconds"]),
+                "steps": med(method, lambda m, target=target: m[target]["steps"]),
+                "reached": sum(math.isfinite(r[method][target]["seconds"]) for r in records),
+                "of": len(records),
+            }
+        entry["seconds_per_step"] = med(method, lambda m: m["seconds_per_step"])
+        entry["at_standard_budget"] = {
+            k: med(method, lambda m, k=k: m["at_standard_budget"][k]) for k in ("seconds", "quality", "teacher_acc")
+        }
+        entry["seconds_run"] = med(method, lambda m: m["curve"][-1][0])
+        summary[method] = entry
+    return summary
+
+
+def _speedups(summary: dict[str, Any]) -> dict[str, Any]:
+    """Target (a) ratios; a baseline whose median never reached the target gives a lower bound."""
+    meta_seconds = summary["meta"]["quality_target"]["seconds"]
+    out: dict[str, Any] = {}
+    for method in ("scratch", "pixels"):
+        seconds = summary[method]["quality_target"]["seconds"]
+        bound = not math.isfinite(seconds)
+        out[f"speedup_vs_{method}"] = (summary[method]["seconds_run"] if bound else seconds) / meta_seconds
+        out[f"speedup_vs_{method}_is_lower_bound"] = bound
+        out[f"speedup_acc90_vs_{method}"] = summary[method]["acc90"]["seconds"] / summary["meta"]["acc90"]["seconds"]
+        out[f"speedup_acc95_vs_{method}"] = summary[method]["acc95"]["seconds"] / summary["meta"]["acc95"]["seconds"]
+    return out
+
+
+def plot(result: dict[str, Any], json_path: Path) -> Path:
+    """Quality and teacher accuracy against wall time per method; downstream accuracy bars."""
+    plt = pyplot()
+    colours = {"meta": "tab:green", "scratch": "tab:red", "pixels": "tab:blue"}
+    panels = 3 if result.get("downstream") else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    for record in result["recoveries"]:
+        for method in METHODS:
+            curve = record[method]["curve"]
+            secs = [max(c[0], 1e-4) for c in curve]
+            label = method if record is result["recoveries"][0] else None
+            axes[0].plot(secs, [c[1] for c in curve], color=colours[method], alpha=0.35, lw=1, label=label)
+            axes[1].plot(secs, [c[2] for c in curve], color=colours[method], alpha=0.35, lw=1, label=label)
+    targets = [r["target_quality"] for r in result["recoveries"]]
+    axes[0].axhline(median(targets), color="k", ls="--", lw=1, label="target (a): meta after K steps (median)")
+    axes[0].set(xscale="log", yscale="log", xlabel="wall time (s)", ylabel="combined inversion loss")
+    axes[0].set_title(
+        f"(a) x{result['speedup_vs_scratch']:.1f} vs scratch, x{result['speedup_vs_pixels']:.1f} vs pixels"
+    )
+    axes[0].legend(fontsize=7)
+    for thr in ACCURACY_TARGETS:
+        axes[1].axhline(thr, color="grey", ls=":", lw=1)
+    axes[1].set(xscale="log", xlabel="wall time (s)", ylabel="teacher accuracy", title="(b) teacher accuracy")
+    axes[1].legend(fontsize=7)
+    if panels == 3:
+        down = result["downstream"]
+        names = list(down)
+        settings = [k for k in down["free"] if k.endswith("shot")]
+        for i, key in enumerate(settings):
+            accs = [down[n][key]["acc"] for n in names]
+            cis = [down[n][key]["ci95"] for n in names]
+            xs = [j + 0.38 * i for j in range(len(names))]
+            axes[2].bar(xs, accs, width=0.36, yerr=cis, capsize=3, label=key)
+        axes[2].set_xticks([j + 0.19 for j in range(len(names))], names)
+        axes[2].set(ylabel="meta-test accuracy", title=f"(c) equal wall time ({down['free']['seconds']:.0f} s)")
+        axes[2].legend(fontsize=7)
+    return savefig(fig, json_path)

@@ -434,6 +434,41 @@ def bench_recovery(
     )
 
 
+@bench_app.command("accuracy")
+@friendly_errors
+def bench_accuracy(
+    overrides: Overrides = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per row (teacher zoo, initialisations, pseudo tasks).")] = 1,
+    mixed_archs: Annotated[
+        str, typer.Option(help="Comma-separated teacher archs of the heterogeneous-zoo table ('' skips it).")
+    ] = "conv4,resnet10",
+    out_file: BenchOut = None,
+) -> None:
+    """The method table (FREE, w/o alignment, from scratch, random init, oracle), 1-/5-shot +- 95% CI."""
+    from free.bench import accuracy
+
+    given = list(overrides or [])
+    if not any(o.split("=", 1)[0] == "paths.artifacts_dir" for o in given):
+        given.append(f"paths.artifacts_dir={BENCH_WORK / 'accuracy'}")
+    archs = [a.strip() for a in mixed_archs.split(",") if a.strip()]
+
+    def configs(extra: list[str]):
+        replaced = {o.split("=", 1)[0] for o in extra}  # the bench's own settings win over the user's
+        return _compose([*(o for o in given if o.split("=", 1)[0] not in replaced), *extra])
+
+    result = accuracy.run(configs, seeds, archs, progress=bar, say=out.print)
+    _bench_done("accuracy", result, out_file, accuracy.plot)
+    for zoo, table in result["tables"].items():
+        settings = [k for k in table["rows"]["free"] if k.endswith("shot")]
+        view = Table("method", *settings, *(f"vs FREE {k}" for k in settings), title=f"{zoo} zoo")
+        for row in table["rows"].values():
+            cells = [f"{100 * row[k]['acc']:.2f} ± {100 * row[k]['ci95']:.2f}" for k in settings]
+            paired = [row[k]["paired_vs_free"] for k in settings]
+            diffs = [f"{100 * p['acc']:+.2f} ± {100 * p['ci95']:.2f}" if p else "-" for p in paired]
+            view.add_row(row["label"], *cells, *diffs)
+        out.print(view)
+
+
 def _headline(metrics: dict) -> dict:
     """metatest.json without the per-episode lists."""
     return {k: ({m: v[m] for m in ("acc", "ci95")} if isinstance(v, dict) else v) for k, v in metrics.items()}

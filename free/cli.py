@@ -469,6 +469,64 @@ def bench_accuracy(
         out.print(view)
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{option} takes positive integers, got {text!r}")
+    return values
+
+
+@bench_app.command("eval")
+@friendly_errors
+def bench_eval(
+    overrides: Overrides = None,
+    episodes: Annotated[int, typer.Option(help="Episodes per measurement.")] = 50,
+    batches: Annotated[str, typer.Option(help="Comma-separated vmap chunk sizes (episode_batch).")] = "10,50",
+    threads: Annotated[str, typer.Option(help="Comma-separated torch thread counts.")] = "1,2",
+    out_file: BenchOut = None,
+) -> None:
+    """Meta-test episodes per second, vectorised (vmap) vs loop, and peak memory."""
+    from free.bench import evaluation
+
+    cfg = _compose(overrides)
+    result = evaluation.run(
+        cfg, episodes, _int_list(batches, "--batches"), _int_list(threads, "--threads"), say=out.print
+    )
+    _bench_done("eval", result, out_file, evaluation.plot)
+    for setting, ratio in result["vmap_speedup_best_vs_best_loop"].items():
+        out.print(f"{setting}: best vmap / best loop = {ratio:.2f}x")
+
+
+@bench_app.command("pipeline")
+@friendly_errors
+@stack_errors
+def bench_pipeline(
+    out_file: BenchOut = None,
+    work: Annotated[Path, typer.Option(help="Scratch folder for the project copies (emptied first).")] = BENCH_WORK
+    / "pipeline",
+) -> None:
+    """The tiny pipeline (params.yaml) through `prefect deployment run` vs `dvc repro` vs bare `free pipeline`,
+    and each rerun with nothing changed."""
+    from free.bench import pipeline
+
+    source = Path.cwd()
+    if not (source / "dvc.yaml").is_file() or not (source / "params.yaml").is_file():
+        raise FileNotFoundError(
+            f"run `free bench pipeline` from the project root (no dvc.yaml/params.yaml in {source})"
+        )
+    cache = Path(_compose([]).paths.cache_dir)
+    result = pipeline.run(source, work.resolve(), cache, say=out.print)
+    _bench_done("pipeline", result, out_file, pipeline.plot)
+    out.print(f"free stack up: {result['stack_up_seconds']:.1f} s (once per machine)")
+    for name, r in result["runs"].items():
+        out.print(f"{name:8s} {r['seconds']:7.1f} s   no-op rerun {r['noop_seconds']:6.1f} s   ({r['command']})")
+    same = "identical" if result["identical_metrics"] else "DIFFERENT"
+    out.print(f"metatest numbers of the three runs: {same}")
+
+
 def _headline(metrics: dict) -> dict:
     """metatest.json without the per-episode lists."""
     return {k: ({m: v[m] for m in ("acc", "ci95")} if isinstance(v, dict) else v) for k, v in metrics.items()}

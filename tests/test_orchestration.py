@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,43 +24,11 @@ import pytest
 import yaml
 
 from free import stack
+from free.bench.pipeline import copy_project, free_port_block
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "free-meta-learner"
-
-
-def _free_block(n: int) -> int:
-    """The first of ``n`` consecutive free loopback ports."""
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        if all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _copy_project(dest: Path) -> None:
-    """The working tree's tracked files (uncommitted edits included), as a fresh git repository."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        source = REPO / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    (dest / ".dvc" / "config.local").unlink(missing_ok=True)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
 
 
 class Live:
@@ -89,14 +55,14 @@ def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
     root = tmp_path_factory.mktemp("live")
     project, cache = root / "project", root / "cache"
     project.mkdir()
-    _copy_project(project)
-    aux = _free_block(9)
+    copy_project(REPO, project)
+    aux = free_port_block(9)
     settings = stack.StackSettings(
         state_dir=root / "state",
         project_dir=project,
-        prefect_port=_free_block(1),
-        mlflow_port=_free_block(1),
-        s3_port=_free_block(1),
+        prefect_port=free_port_block(1),
+        mlflow_port=free_port_block(1),
+        s3_port=free_port_block(1),
         aux_port=aux,
     )
     machine = {"FREE_DATA_DIR": str(real_omniglot_root.parent), "FREE_CACHE_DIR": str(cache)}
@@ -258,7 +224,7 @@ def test_registered_pyfunc_predicts_like_the_core_and_is_served(live: Live, pipe
     assert set(predicted.tolist()) <= set(request["support_labels"].tolist())
     assert (predicted == truth).mean() > 0.2  # above chance on real meta-test classes (5-way: 0.2)
 
-    port = _free_block(1)
+    port = free_port_block(1)
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@challenger", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],

@@ -1,0 +1,202 @@
+"""Benchmarks: their arithmetic against hand computations, and each command end to end on a tiny
+setting (real Omniglot) producing the promised JSON keys and plot. No test here times anything."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from free.bench import recovery
+from free.bench.common import PeakMemory, median, write_result
+from free.cli import app
+from free.inversion import InversionSettings, LossWeights, recover_pixels
+from free.models import build_classifier
+
+runner = CliRunner()
+# Everything small: 3 teachers (2 seen in meta-training, 1 held out), 2 meta-iterations, 2 episodes.
+TINY = [
+    "experiment=tiny",
+    "teachers.n_teachers=3",
+    "teachers.max_epochs=2",
+    "metalearn.iterations=2",
+    "metalearn.val_every=1",
+    "metalearn.val_episodes=2",
+    "evaluate.episodes=2",
+    "evaluate.inner_steps=1",
+    "inversion.scratch_steps=3",
+    "inversion.inner_steps=2",
+]
+
+
+def _invoke(args: list[str]):
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_median_treats_inf_as_not_reached() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([1.0, math.inf, 2.0]) == 2.0  # one of three not reached: still finite
+    assert median([1.0, math.inf, math.inf]) == math.inf  # most not reached: no finite median
+
+
+def _record(teacher: int, meta: float, scratch: float, pixels: float) -> dict:
+    def measured(seconds: float) -> dict:
+        reached = {"seconds": seconds, "steps": seconds * 10}
+        return {
+            "quality_target": reached,
+            "acc90": reached,
+            "acc95": reached,
+            "seconds_per_step": 0.1,
+            "at_standard_budget": {"seconds": 1.0, "quality": 1.0, "teacher_acc": 1.0},
+            "curve": [[seconds if math.isfinite(seconds) else 50.0, 1.0, 1.0]],
+        }
+
+    return {"teacher": teacher, "meta": measured(meta), "scratch": measured(scratch), "pixels": measured(pixels)}
+
+
+def test_speedup_is_the_ratio_of_medians_over_teachers_of_medians_over_seeds() -> None:
+    records = [
+        _record(0, 1.0, 10.0, 4.0),
+        _record(0, 3.0, 30.0, 2.0),  # teacher 0: medians over seeds meta 2, scratch 20, pixels 3
+        _record(1, 2.0, 40.0, 6.0),
+        _record(1, 2.0, 60.0, 6.0),  # teacher 1: meta 2, scratch 50, pixels 6
+        _record(2, 4.0, 80.0, math.inf),
+        _record(2, 4.0, 80.0, math.inf),  # teacher 2: meta 4, scratch 80, pixels never
+    ]
+    summary = recovery._summarise(records)
+    assert summary["meta"]["quality_target"]["seconds"] == 2.0  # median(2, 2, 4)
+    assert summary["scratch"]["quality_target"]["seconds"] == 50.0  # median(20, 50, 80)
+    assert summary["pixels"]["quality_target"]["seconds"] == 6.0  # median(3, 6, inf)
+    assert summary["pixels"]["quality_target"]["reached"] == 4
+    ratios = recovery._speedups(summary)
+    assert ratios["speedup_vs_scratch"] == 25.0 and ratios["speedup_vs_pixels"] == 3.0
+    assert not ratios["speedup_vs_scratch_is_lower_bound"]
+
+
+def test_speedup_becomes_a_lower_bound_when_the_baseline_mostly_never_reaches_the_target() -> None:
+    records = [_record(t, 1.0, math.inf, 5.0) for t in range(3)]  # scratch never reached; ran 50 s
+    ratios = recovery._speedups(recovery._summarise(records))
+    assert ratios["speedup_vs_scratch_is_lower_bound"]
+    assert ratios["speedup_vs_scratch"] == 50.0
+
+
+def test_first_reaching_reports_the_first_step_that_meets_the_target() -> None:
+    rows = [{"step": s, "seconds": 0.5 * s, "quality": 5.0 - s} for s in range(6)]
+    assert recovery.first_reaching(rows, lambda r: r["quality"] <= 2.0) == {"seconds": 1.5, "steps": 3}
+    assert recovery.first_reaching(rows, lambda r: r["quality"] <= -1.0)["seconds"] == math.inf
+
+
+def test_probe_stops_a_recovery_and_its_time_is_not_counted() -> None:
+    torch.manual_seed(0)
+    teacher = build_classifier("conv4", 1, 3, 16, 8, [0.5], [0.25], track_running_stats=True).eval()
+    calls: list[tuple[int, float]] = []
+
+    def probe(step: int, x: torch.Tensor, seconds: float) -> bool:
+        calls.append((step, seconds))
+        time.sleep(0.2)  # the probe's own time must not count as recovery time
+        return step == 3
+
+    settings = InversionSettings(steps=50, lr=0.05, weights=LossWeights(1.0, 0.1))
+    r = recover_pixels(teacher, 16, 1, 3, 2, settings, torch.Generator().manual_seed(0), probe=probe)
+    assert [s for s, _ in calls] == [0, 1, 2, 3] and len(r.curve) == 4
+    seconds = [t for _, t in calls]
+    assert seconds == sorted(seconds)
+    assert seconds[-1] < 0.5  # three tiny pixel steps; with the probe's sleeps counted it would be >= 0.6
+
+
+def test_quality_probe_measures_the_unaugmented_batch_and_stops_at_both_targets() -> None:
+    torch.manual_seed(0)
+    teacher = build_classifier("conv4", 1, 3, 16, 8, [0.5], [0.25], track_running_stats=True).eval()
+    x = torch.rand(6, 1, 16, 16)
+    y = teacher(x).argmax(dim=1)  # labels the teacher agrees with: accuracy 1
+    probe = recovery.QualityProbe(teacher, y, LossWeights(1.0, 0.0), min_steps=2, target=1e9)
+    assert probe(0, x, 0.0) is False and probe(1, x, 0.1) is False  # before min_steps
+    assert probe(2, x, 0.2) is True
+    ce = torch.nn.functional.cross_entropy(teacher(x), y).item()
+    assert probe.rows[0]["quality"] == pytest.approx(ce, rel=1e-5) and probe.rows[0]["teacher_acc"] == 1.0
+    strict = recovery.QualityProbe(teacher, y, LossWeights(1.0, 0.0), min_steps=0, target=ce / 2)
+    assert strict(0, x, 0.0) is False  # accurate, but the quality target is not met
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block() -> None:
+    with PeakMemory(torch.device("cpu")) as peak:
+        block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+        del block
+    if not peak.reset:
+        pytest.skip("this kernel cannot reset the peak resident set (/proc/self/clear_refs)")
+    from free.bench.common import rss_mib
+
+    assert peak.peak_mib - rss_mib() > 200
+
+
+def test_result_file_has_machine_versions_and_no_infinity(tmp_path: Path) -> None:
+    path = write_result("x", {"config": "seed: 0\n", "value": math.inf}, tmp_path / "x.json", "free bench x")
+    record = json.loads(path.read_text())
+    assert record["value"] is None and record["command"] == "free bench x"
+    assert record["machine"]["cpu_count"] >= 1 and "torch" in record["versions"]
+
+
+def test_bench_recovery_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "recovery.json"
+    args = [f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={tmp_path / 'work'}"]
+    _invoke(
+        ["bench", "recovery", *TINY, *args, "--seeds", "1", "--heldout", "1", "--max-steps", "6", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    for key in ("speedup_vs_scratch", "speedup_vs_pixels", "targets", "downstream", "machine", "versions", "config"):
+        assert key in result, key
+    assert result["teachers"] == {"seen": 2, "heldout": 1}
+    assert set(result["downstream"]) == {"free", "scratch", "pixels"}
+    budget = result["downstream"]["free"]["seconds"]
+    assert all(d["seconds"] >= budget for d in result["downstream"].values())  # equal wall time, at least
+    (record,) = result["recoveries"]
+    assert record["teacher"] == 2  # the held-out teacher is the zoo's last
+    assert record["meta"]["quality_target"]["steps"] == 2  # K = inversion.inner_steps
+    assert record["scratch"]["steps_run"] >= 3  # at least its standard budget
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_accuracy_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "accuracy.json"
+    args = [f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={tmp_path / 'work'}", "teachers.n_teachers=2"]
+    _invoke(["bench", "accuracy", *TINY, *args, "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["tables"]) == {"homogeneous", "heterogeneous"}
+    for table in result["tables"].values():
+        assert list(table["rows"]) == ["free", "free_noalign", "scratch", "random_init", "oracle"]
+        for key in ("5way_1shot", "5way_5shot"):
+            assert 0 <= table["rows"]["free"][key]["acc"] <= 1
+            assert table["rows"]["oracle"][key]["paired_vs_free"] is not None
+    assert result["tables"]["homogeneous"]["rows"]["random_init"]["iterations"] == [0]
+    zoo = json.loads((tmp_path / "work" / "heterogeneous" / "seed0" / "zoo" / "teachers" / "zoo.json").read_text())
+    assert zoo["summary"]["archs"] == ["conv4", "resnet10"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_eval_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    _invoke(
+        ["bench", "eval", *TINY, f"dataset.root={real_omniglot_root}", "--episodes", "3", "--batches", "3"]
+        + ["--threads", "1", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert [(r["setting"], r["mode"]) for r in result["rows"]] == [
+        ("5way_1shot", "loop"),
+        ("5way_1shot", "vmap"),
+        ("5way_5shot", "loop"),
+        ("5way_5shot", "vmap"),
+    ]
+    assert all(r["episodes_per_s"] > 0 and r["max_abs_diff_vs_loop"] < 1e-6 for r in result["rows"])
+    assert set(result["vmap_speedup_best_vs_best_loop"]) == {"5way_1shot", "5way_5shot"}
+
+
+def test_bench_eval_rejects_a_bad_list() -> None:
+    result = runner.invoke(app, ["bench", "eval", "--batches", "ten"])
+    assert result.exit_code == 2 and "comma-separated integers" in result.output

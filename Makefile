@@ -19,7 +19,7 @@ export FREE_DATA_DIR := $(SHARED_DATA)
 endif
 endif
 
-.PHONY: help setup run stack-up stack-down pipeline repro test test-all lint clean
+.PHONY: help setup run stack-up stack-down pipeline repro test test-all lint clean bench
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,16 @@ test: setup  ## lint + default test suite (slow tests excluded)
 
 test-all: setup  ## every test, slow ones included
 	$(BIN)/python -m pytest -m ""
+
+# The exact commands behind docs/RESULTS.md (about 1.5 hours on 2 CPU cores, one after another so
+# that no benchmark's timing is disturbed by another).
+bench: setup  ## all benchmarks as in docs/RESULTS.md -> benchmarks/results/*.json + *.png
+	$(BIN)/free bench recovery experiment=tiny teachers.n_teachers=8 metalearn.iterations=40 inversion.scratch_steps=200 --seeds 2 --heldout 2 --max-steps 400
+	$(BIN)/free bench eval experiment=tiny --episodes 50 --batches 10,50 --threads 1,2
+	$(BIN)/free bench eval experiment=omniglot --episodes 20 --batches 10,20 --threads 2 --out benchmarks/results/eval-omniglot.json
+	$(BIN)/python benchmarks/profile_hotpaths.py --compile
+	$(BIN)/free bench pipeline
+	$(BIN)/free bench accuracy experiment=tiny evaluate.episodes=100 --seeds 1
 
 lint: setup  ## ruff only
 	$(BIN)/ruff check .

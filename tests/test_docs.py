@@ -39,3 +39,22 @@ def test_quickstart_is_exactly_two_make_commands() -> None:
 def test_readme_commands_exist(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0, f"`free {' '.join(command)}` from the README: {result.output}"
+
+
+RESULTS = sorted((REPO / "benchmarks" / "results").glob("*.json"))
+
+
+def test_every_benchmark_result_is_in_the_results_document() -> None:
+    assert {p.stem for p in RESULTS} >= {"recovery", "accuracy", "eval", "pipeline"}, "benchmark results missing"
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=lambda p: p.stem)
+def test_results_document_shows_the_committed_numbers(result) -> None:
+    """docs/RESULTS.md holds each committed result's tables exactly as `python -m free.bench.report` renders
+    them, and its plot beside it."""
+    from free.bench.report import render
+
+    document = (REPO / "docs" / "RESULTS.md").read_text()
+    assert render(result) in document, f"docs/RESULTS.md does not show {result.name} as rendered; update it"
+    assert f"benchmarks/results/{result.stem}.png" in document
+    assert result.with_suffix(".png").is_file()

@@ -177,21 +177,19 @@ def _meta_train(
     ml = cfg.metalearn
     loop = MetaTrainLoop(cfg, device, zoo)
     checks = max(1, ml.iterations // ml.val_every)  # validations per run, as in the stage
-    spent, done = 0.0, 0
+    spent = 0.0
     if budget is None:
         ticks = progress(range(ml.iterations), f"meta-train {cfg.method.name}", ml.iterations) if progress else None
         for it in ticks or range(ml.iterations):
             spent += timed(loop.step, device)[1]
             if (it + 1) % ml.val_every == 0 or it + 1 == ml.iterations:
                 loop.validate()
-    else:
-        next_check = budget / checks
-        while spent < budget:
-            spent += timed(loop.step, device)[1]
-            done += 1
-            if spent >= next_check or spent >= budget:
-                loop.validate()
-                next_check += budget / checks
+    else:  # the same number of validations, spread evenly over the budget
+        label = f"meta-train {cfg.method.name} for {budget:.0f} s"
+        for k in progress(range(checks), label, checks) if progress else range(checks):
+            while spent < budget * (k + 1) / checks:
+                spent += timed(loop.step, device)[1]
+            loop.validate()
     split = load_splits(cfg.dataset, cfg.paths.cache_dir)["test"]
     tested = metatest(
         loop.learner,
@@ -226,10 +224,13 @@ def _recover_heldout(
     inv, ds = cfg.inversion, cfg.dataset
     weights = LossWeights(inv.loss.ce, inv.loss.bn, inv.loss.tv, 0.0)  # no student here: no adversarial term
 
-    def recover(method: str, teacher: nn.Module, n_way: int, seed: int, target: float | None) -> dict[str, Any]:
+    def recover(
+        method: str, teacher: nn.Module, n_way: int, seed: int, target: float | None, cap: int | None = None
+    ) -> dict[str, Any]:
         standard = inv.inner_steps if method == "meta" else inv.scratch_steps
         lr = inv.pixels_lr if method == "pixels" else inv.inner_lr
-        settings = InversionSettings(max(bench.max_steps, standard), lr, tuple(inv.betas), weights, inv.augment)
+        steps = cap if cap is not None else max(bench.max_steps, standard)
+        settings = InversionSettings(steps, lr, tuple(inv.betas), weights, inv.augment)
         y = intended_labels(n_way, inv.images_per_class, device=device)
         probe = QualityProbe(teacher, y, weights, standard, target)
         rng = torch.Generator().manual_seed(seed)
@@ -250,7 +251,7 @@ def _recover_heldout(
     # One untimed warm-up per method: first calls pay for allocations and lazy initialisation.
     warm_teacher, warm_meta = heldout[0]
     for method in METHODS:
-        recover(method, warm_teacher, warm_meta["n_classes"], 10**6, None)
+        recover(method, warm_teacher, warm_meta["n_classes"], 10**6, None, cap=3)
 
     pairs = [(t, s) for t in range(len(heldout)) for s in range(bench.seeds)]
     records = []

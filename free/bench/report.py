@@ -1,0 +1,123 @@
+"""Markdown tables from benchmark result files, for docs/RESULTS.md.
+
+``python -m free.bench.report benchmarks/results/recovery.json`` prints the table(s) of that result;
+``tests/test_docs.py`` checks that docs/RESULTS.md contains exactly these tables for the committed
+results, so the document cannot drift from the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "not reached" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _pct(cell: dict[str, float]) -> str:
+    return f"{100 * cell['acc']:.2f} ± {100 * cell['ci95']:.2f}"
+
+
+def recovery(result: dict[str, Any]) -> str:
+    targets = result["targets"]
+    lines = [
+        "| method | (a) s to target | steps | (b) s to 90% | s to 95% | s / step | reached (a) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, entry in targets.items():
+        a, b90, b95 = entry["quality_target"], entry["acc90"], entry["acc95"]
+        lines.append(
+            f"| {method} | {_num(a['seconds'])} | {_num(a['steps'], 0)} | {_num(b90['seconds'])} | "
+            f"{_num(b95['seconds'])} | {_num(entry['seconds_per_step'], 3)} | {a['reached']}/{a['of']} |"
+        )
+    bound = {m: ("≥ " if result[f"speedup_vs_{m}_is_lower_bound"] else "") for m in ("scratch", "pixels")}
+    lines += [
+        "",
+        f"`speedup_vs_scratch` = {bound['scratch']}{_num(result['speedup_vs_scratch'])}×, "
+        f"`speedup_vs_pixels` = {bound['pixels']}{_num(result['speedup_vs_pixels'])}× (target (a)); "
+        f"to 90% teacher accuracy: {_num(result['speedup_acc90_vs_scratch'])}× vs scratch, "
+        f"{_num(result['speedup_acc90_vs_pixels'])}× vs pixels.",
+    ]
+    down = result.get("downstream")
+    if down:
+        settings = [k for k in down["free"] if k.endswith("shot")]
+        lines += [
+            "",
+            "| recovery used in meta-training | iterations | seconds | " + " | ".join(settings) + " |",
+            "|---|---|---|" + "---|" * len(settings),
+        ]
+        for name, row in down.items():
+            cells = " | ".join(_pct(row[k]) for k in settings)
+            lines.append(f"| {name} | {row['iterations']} | {row['seconds']:.0f} | {cells} |")
+    return "\n".join(lines)
+
+
+def accuracy(result: dict[str, Any]) -> str:
+    blocks = []
+    for zoo, table in result["tables"].items():
+        rows = table["rows"]
+        settings = [k for k in rows["free"] if k.endswith("shot")]
+        lines = [
+            f"**{zoo} zoo** ({result['seeds']} seed(s))",
+            "",
+            "| method | " + " | ".join(settings) + " | " + " | ".join(f"− FREE, {k}" for k in settings) + " |",
+            "|---|" + "---|" * (2 * len(settings)),
+        ]
+        for row in rows.values():
+            diffs = [row[k]["paired_vs_free"] for k in settings]
+            paired = " | ".join(_pct(d) if d else "—" for d in diffs)
+            lines.append(f"| {row['label']} | " + " | ".join(_pct(row[k]) for k in settings) + f" | {paired} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def evaluation(result: dict[str, Any]) -> str:
+    lines = [
+        "| setting | mode | episode batch | threads | episodes/s | peak MiB (above baseline) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['setting']} | {r['mode']} | {r['episode_batch']} | {r['threads']} | "
+            f"{r['episodes_per_s']:.2f} | {r['peak_mib']:.0f} (+{r['extra_mib']:.0f}) |"
+        )
+    return "\n".join(lines)
+
+
+def pipeline(result: dict[str, Any]) -> str:
+    lines = ["| front door | first run (s) | no-op rerun (s) | command |", "|---|---|---|---|"]
+    for name, r in result["runs"].items():
+        lines.append(f"| {name} | {r['seconds']:.1f} | {r['noop_seconds']:.1f} | `{r['command'].split('/')[-1]}` |")
+    lines.append("")
+    same = "identical" if result["identical_metrics"] else "**different**"
+    lines.append(
+        f"`free stack up` (once per machine): {result['stack_up_seconds']:.1f} s. "
+        f"Metatest numbers of the three runs: {same}."
+    )
+    return "\n".join(lines)
+
+
+def hotpaths(result: dict[str, Any]) -> str:
+    lines = ["| hot path | variant | ms per call |", "|---|---|---|"]
+    for r in result["rows"]:
+        extra = f" (+ {r['compile_seconds']:.0f} s compile)" if "compile_seconds" in r else ""
+        lines.append(f"| {r['path']} | {r['variant']} | {1000 * r['seconds_per_call']:.1f}{extra} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"recovery": recovery, "accuracy": accuracy, "eval": evaluation, "pipeline": pipeline, "hotpaths": hotpaths}
+
+
+def render(path: Path) -> str:
+    result = json.loads(Path(path).read_text())
+    return RENDERERS[result["benchmark"]](result)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for name in sys.argv[1:]:
+        print(render(Path(name)))
+        print()

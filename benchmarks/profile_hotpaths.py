@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from free.bench.common import write_result
+from free.bench.common import pyplot, savefig, write_result
 from free.maml import adapt, logits, split_state
 from free.models import Generator, build_classifier
 
@@ -108,7 +108,11 @@ def main() -> None:
         args.out,
         " ".join(["python", *sys.argv]),
     )
-    print(f"wrote {path}")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh([f"{r['path']}: {r['variant']}" for r in rows], [1000 * r["seconds_per_call"] for r in rows])
+    ax.set(xlabel="ms per call (median)", xscale="log", title="hot paths at the tiny preset's shapes")
+    print(f"wrote {path} and {savefig(fig, path)}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ def evaluation(result: dict[str, Any]) -> str:
 def pipeline(result: dict[str, Any]) -> str:
     lines = ["| front door | first run (s) | no-op rerun (s) | command |", "|---|---|---|---|"]
     for name, r in result["runs"].items():
-        lines.append(f"| {name} | {r['seconds']:.1f} | {r['noop_seconds']:.1f} | `{r['command'].split('/')[-1]}` |")
+        program, _, rest = r["command"].partition(" ")  # drop the venv path of the program
+        command = f"{Path(program).name} {rest}"
+        lines.append(f"| {name} | {r['seconds']:.1f} | {r['noop_seconds']:.1f} | `{command}` |")
     lines.append("")
     same = "identical" if result["identical_metrics"] else "**different**"
     lines.append(

@@ -376,12 +376,17 @@ BenchOut = Annotated[
 BENCH_WORK = Path("benchmarks") / "work"
 
 
-def _bench_compose(overrides: list[str] | None, work: str):
-    """``configs(method)``: the user's overrides with ``method=...`` and the bench's own artifacts dir."""
+def _override_key(override: str) -> str:
+    """``+a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _bench_overrides(overrides: list[str] | None, work: str) -> list[str]:
+    """The user's overrides, with the bench's own artifacts dir unless the user chose one."""
     given = list(overrides or [])
-    if not any(o.split("=", 1)[0].lstrip("+") == "paths.artifacts_dir" for o in given):
+    if not any(_override_key(o) == "paths.artifacts_dir" for o in given):
         given.append(f"paths.artifacts_dir={BENCH_WORK / work}")
-    return lambda method: _compose([*given, f"method={method}"])
+    return given
 
 
 def _bench_command() -> str:
@@ -389,10 +394,13 @@ def _bench_command() -> str:
 
 
 def _bench_done(name: str, result: dict, out_file: Path | None, plot) -> None:
+    """Write the result file and its plot, and print the same tables docs/RESULTS.md shows."""
     from free.bench.common import write_result
+    from free.bench.report import RENDERERS
 
     path = write_result(name, result, out_file, _bench_command())
     png = plot(result, path)
+    out.print(RENDERERS[name](result), highlight=False, markup=False)
     out.print(f"wrote {path} and {png}", highlight=False)
 
 
@@ -412,26 +420,9 @@ def bench_recovery(
     from free.bench import recovery
 
     settings = recovery.RecoveryBench(seeds, heldout, max_steps, downstream)
-    result = recovery.run(_bench_compose(overrides, "recovery"), settings, progress=bar, say=out.print)
+    given = _bench_overrides(overrides, "recovery")
+    result = recovery.run(lambda method: _compose([*given, f"method={method}"]), settings, progress=bar, say=out.print)
     _bench_done("recovery", result, out_file, recovery.plot)
-    table = Table("method", "(a) s to target", "steps", "(b) s to 90%", "s to 95%", "s/step", "reached (a)")
-    for method, entry in result["targets"].items():
-        a, b90, b95 = entry["quality_target"], entry["acc90"], entry["acc95"]
-        table.add_row(
-            method,
-            f"{a['seconds']:.3f}",
-            f"{a['steps']:g}",
-            f"{b90['seconds']:.3f}",
-            f"{b95['seconds']:.3f}",
-            f"{entry['seconds_per_step']:.4f}",
-            f"{a['reached']}/{a['of']}",
-        )
-    out.print(table)
-    bound = lambda m: ">= " if result[f"speedup_vs_{m}_is_lower_bound"] else ""  # noqa: E731
-    out.print(
-        f"speedup_vs_scratch {bound('scratch')}{result['speedup_vs_scratch']:.2f}x, "
-        f"speedup_vs_pixels {bound('pixels')}{result['speedup_vs_pixels']:.2f}x (equal combined loss)"
-    )
 
 
 @bench_app.command("accuracy")
@@ -447,26 +438,15 @@ def bench_accuracy(
     """The method table (FREE, w/o alignment, from scratch, random init, oracle), 1-/5-shot +- 95% CI."""
     from free.bench import accuracy
 
-    given = list(overrides or [])
-    if not any(o.split("=", 1)[0] == "paths.artifacts_dir" for o in given):
-        given.append(f"paths.artifacts_dir={BENCH_WORK / 'accuracy'}")
+    given = _bench_overrides(overrides, "accuracy")
     archs = [a.strip() for a in mixed_archs.split(",") if a.strip()]
 
     def configs(extra: list[str]):
-        replaced = {o.split("=", 1)[0] for o in extra}  # the bench's own settings win over the user's
-        return _compose([*(o for o in given if o.split("=", 1)[0] not in replaced), *extra])
+        replaced = {_override_key(o) for o in extra}  # the bench's own settings win over the user's
+        return _compose([*(o for o in given if _override_key(o) not in replaced), *extra])
 
     result = accuracy.run(configs, seeds, archs, progress=bar, say=out.print)
     _bench_done("accuracy", result, out_file, accuracy.plot)
-    for zoo, table in result["tables"].items():
-        settings = [k for k in table["rows"]["free"] if k.endswith("shot")]
-        view = Table("method", *settings, *(f"vs FREE {k}" for k in settings), title=f"{zoo} zoo")
-        for row in table["rows"].values():
-            cells = [f"{100 * row[k]['acc']:.2f} ± {100 * row[k]['ci95']:.2f}" for k in settings]
-            paired = [row[k]["paired_vs_free"] for k in settings]
-            diffs = [f"{100 * p['acc']:+.2f} ± {100 * p['ci95']:.2f}" if p else "-" for p in paired]
-            view.add_row(row["label"], *cells, *diffs)
-        out.print(view)
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -496,8 +476,6 @@ def bench_eval(
         cfg, episodes, _int_list(batches, "--batches"), _int_list(threads, "--threads"), say=out.print
     )
     _bench_done("eval", result, out_file, evaluation.plot)
-    for setting, ratio in result["vmap_speedup_best_vs_best_loop"].items():
-        out.print(f"{setting}: best vmap / best loop = {ratio:.2f}x")
 
 
 @bench_app.command("pipeline")
@@ -520,11 +498,6 @@ def bench_pipeline(
     cache = Path(_compose([]).paths.cache_dir)
     result = pipeline.run(source, work.resolve(), cache, say=out.print)
     _bench_done("pipeline", result, out_file, pipeline.plot)
-    out.print(f"free stack up: {result['stack_up_seconds']:.1f} s (once per machine)")
-    for name, r in result["runs"].items():
-        out.print(f"{name:8s} {r['seconds']:7.1f} s   no-op rerun {r['noop_seconds']:6.1f} s   ({r['command']})")
-    same = "identical" if result["identical_metrics"] else "DIFFERENT"
-    out.print(f"metatest numbers of the three runs: {same}")
 
 
 def _headline(metrics: dict) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -223,6 +224,16 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def free_port_block(n: int) -> int:
+    """The first of ``n`` consecutive loopback ports that :func:`up` would find free (for tests and
+    benchmarks that run a second stack beside the user's)."""
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        if all(_port_free(base + i) for i in range(n)):
+            return base
+    raise StackError(f"no block of {n} free loopback ports found")
 
 
 def _port_free(port: int) -> bool:

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from free import stack
-from free.bench.pipeline import copy_project, free_port_block
+from free.bench.pipeline import copy_project
+from free.stack import free_port_block
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -103,7 +103,8 @@ def _collect(root: Path, seconds: float) -> dict[str, Any]:
 def _table(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per method and setting: mean over seeds, pooled CI, per-seed values, paired difference to FREE."""
     table: dict[str, Any] = {}
-    settings = [k for k in runs["free"][0]["episodes"]]
+    settings = list(runs["free"][0]["episodes"])
+    free = {key: torch.tensor([a for r in runs["free"] for a in r["episodes"][key]]) for key in settings}
     for method, per_seed in runs.items():
         row: dict[str, Any] = {
             "label": ROWS[method],
@@ -112,13 +113,12 @@ def _table(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         }
         for key in settings:
             pooled = torch.tensor([a for r in per_seed for a in r["episodes"][key]])
-            free = torch.tensor([a for r in runs["free"] for a in r["episodes"][key]])
             seed_means = [r["metrics"][key]["acc"] for r in per_seed]
             row[key] = {
                 "acc": sum(seed_means) / len(seed_means),
                 "ci95": summarize(pooled)["ci95"],
                 "per_seed": seed_means,
-                "paired_vs_free": summarize(pooled - free) if method != "free" else None,
+                "paired_vs_free": summarize(pooled - free[key]) if method != "free" else None,
             }
         table[method] = row
     return table

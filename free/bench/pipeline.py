@@ -17,9 +17,7 @@ The metatest numbers of the three runs are recorded too; they must be identical.
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -45,24 +43,6 @@ def copy_project(source: Path, dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-
-
-def free_port_block(n: int) -> int:
-    """The first of ``n`` consecutive free loopback ports."""
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        if all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no block of {n} free loopback ports found")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def _timed_command(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
@@ -115,10 +95,10 @@ def run(source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = 
     settings = stack.StackSettings(
         state_dir=work / "state",
         project_dir=projects["prefect"],
-        prefect_port=free_port_block(1),
-        mlflow_port=free_port_block(1),
-        s3_port=free_port_block(1),
-        aux_port=free_port_block(9),
+        prefect_port=stack.free_port_block(1),
+        mlflow_port=stack.free_port_block(1),
+        s3_port=stack.free_port_block(1),
+        aux_port=stack.free_port_block(9),
     )
     saved_env = dict(os.environ)
     os.environ.update({k: env[k] for k in ("FREE_CACHE_DIR", "PATH")})  # the worker inherits these

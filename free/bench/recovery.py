@@ -50,7 +50,6 @@ from free.inversion import (
     InversionSettings,
     LossWeights,
     MetaGenerator,
-    Recovery,
     intended_labels,
     recover_from_scratch,
     recover_pixels,
@@ -236,16 +235,14 @@ def _recover_heldout(
         rng = torch.Generator().manual_seed(seed)
         per_class = inv.images_per_class
         synchronize(device)
-        r: Recovery
-        if method == "meta":
-            r = meta_generator.recover(teacher, n_way, per_class, settings, rng, probe=probe)
+        if method == "meta":  # the recovered images are not needed: the probe has measured them
+            meta_generator.recover(teacher, n_way, per_class, settings, rng, probe=probe)
         elif method == "scratch":
-            r = recover_from_scratch(
+            recover_from_scratch(
                 teacher, ds.image_size, ds.channels, inv.latent_dim, n_way, per_class, settings, rng, probe=probe
             )
         else:
-            r = recover_pixels(teacher, ds.image_size, ds.channels, n_way, per_class, settings, rng, probe=probe)
-        del r
+            recover_pixels(teacher, ds.image_size, ds.channels, n_way, per_class, settings, rng, probe=probe)
         return {"standard_steps": standard, "curve": probe.rows}
 
     # One untimed warm-up per method: first calls pay for allocations and lazy initialisation.

@@ -85,6 +85,8 @@ def evaluation(result: dict[str, Any]) -> str:
             f"| {r['setting']} | {r['mode']} | {r['episode_batch']} | {r['threads']} | "
             f"{r['episodes_per_s']:.2f} | {r['peak_mib']:.0f} (+{r['extra_mib']:.0f}) |"
         )
+    ratios = ", ".join(f"{k} {v:.2f}×" for k, v in result["vmap_speedup_best_vs_best_loop"].items())
+    lines += ["", f"Best vmap / best loop: {ratios}."]
     return "\n".join(lines)
 
 

@@ -11,14 +11,6 @@ STAMP := $(VENV)/.setup-complete
 # pip on these machines warns about every missing local index folder; drop just that noise.
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 
-# Offline Omniglot: use the shared copy of the archives when there is one, unless the caller chose.
-SHARED_DATA := $(abspath ../shared/data)
-ifeq ($(origin FREE_DATA_DIR), undefined)
-ifneq ($(wildcard $(SHARED_DATA)/omniglot/*.zip),)
-export FREE_DATA_DIR := $(SHARED_DATA)
-endif
-endif
-
 .PHONY: help setup run stack-up stack-down pipeline repro test test-all lint clean bench
 
 help:  ## list targets

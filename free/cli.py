@@ -349,18 +349,23 @@ def stack_env(state_dir: StateDir = None) -> None:
 
 
 @app.command()
+@stack_errors
 def promote(
     model: Annotated[str, typer.Option(help="Registered model name.")] = "free-meta-learner",
     force: Annotated[bool, typer.Option("--force", help="Promote even if worse; recorded in the tags.")] = False,
 ) -> None:
-    """Move alias champion to the challenger unless it is worse beyond the CI (MLFLOW_TRACKING_URI)."""
+    """Move alias champion to the challenger unless it is worse beyond the CI.
+
+    Talks to $MLFLOW_TRACKING_URI, else to the running local stack (`free stack up`)."""
     from mlflow import MlflowClient
 
     from flows.promotion import PromotionError
     from flows.promotion import promote as apply
+    from free.stack import use_running_stack
 
+    tracking_uri = use_running_stack("free promote")
     try:
-        result = apply(MlflowClient(), model, force)
+        result = apply(MlflowClient(tracking_uri), model, force)
     except PromotionError as e:
         err.print(f"[bold red]promotion error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import psutil
 
+from free.paths import in_project, project_root
+
 HOST = "127.0.0.1"
 DVC_REMOTE = "local-s3"
 
@@ -48,8 +50,8 @@ class StackError(RuntimeError):
 class StackSettings:
     """Where the stack lives and which ports it takes. Each field has an environment variable."""
 
-    state_dir: Path = field(default_factory=lambda: Path(os.environ.get("FREE_STATE_DIR", "state")))
-    project_dir: Path = field(default_factory=Path.cwd)
+    state_dir: Path = field(default_factory=lambda: in_project(os.environ.get("FREE_STATE_DIR", "state")))
+    project_dir: Path = field(default_factory=project_root)
     prefect_port: int = field(default_factory=lambda: int(os.environ.get("FREE_PREFECT_PORT", 4200)))
     mlflow_port: int = field(default_factory=lambda: int(os.environ.get("FREE_MLFLOW_PORT", 5000)))
     s3_port: int = field(default_factory=lambda: int(os.environ.get("FREE_S3_PORT", 8333)))
@@ -129,6 +131,31 @@ def client_env(settings: StackSettings) -> dict[str, str]:
         "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
         "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
     }
+
+
+def use_running_stack(purpose: str, state_dir: Path | None = None) -> str:
+    """The MLflow tracking URI for a client command (``free promote``, ``free serve``, …).
+
+    ``$MLFLOW_TRACKING_URI`` when set; else the local stack recorded in the state directory, whose
+    client settings (:func:`client_env`) are then put into this process's environment. Never MLflow's
+    own default (a new ``./mlflow.db`` that holds none of the pipeline's runs).
+
+    Raises:
+        StackError: no tracking URI is set and no local stack is running; says how to fix either.
+    """
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    settings = StackSettings.load(state_dir)
+    mlflow = status(settings)["services"]["mlflow"]
+    if not mlflow["healthy"]:
+        raise StackError(
+            f"{purpose} needs an MLflow server: MLFLOW_TRACKING_URI is not set and the local stack "
+            f"in {settings.state_dir} is not running. Start it with `make stack-up` (or `.venv/bin/free "
+            "stack up`), or set MLFLOW_TRACKING_URI to your tracking server."
+        )
+    os.environ.update(client_env(settings))
+    return settings.mlflow_tracking_uri
 
 
 def services(settings: StackSettings) -> list[Service]:

@@ -68,12 +68,12 @@ def write_sha256sums(folder: Path) -> None:
 
 @pytest.fixture(scope="session")
 def real_omniglot_root() -> Path:
-    """The real offline Omniglot archives (``$FREE_DATA_DIR/omniglot`` or ``../shared/data/omniglot``).
+    """The real offline Omniglot archives (``$FREE_DATA_DIR/omniglot``, else the copy shipped in ``data/omniglot``).
 
     Skipped where they are absent, except under ``FREE_REQUIRE_DATA=1`` (set by CI), where absence fails.
     """
     candidates = [Path(os.environ["FREE_DATA_DIR"]) / "omniglot"] if os.environ.get("FREE_DATA_DIR") else []
-    candidates.append(REPO.parent / "shared" / "data" / "omniglot")
+    candidates.append(REPO / "data" / "omniglot")
     for root in candidates:
         if (root / "images_background_small1.zip").is_file():
             return root

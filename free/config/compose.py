@@ -16,15 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from free.config.schema import Config
+from free.paths import CONFIG_DIR_ENV, in_project, project_root
 from free.config.validate import ConfigError, validate
 
-CONFIG_DIR_ENV = "FREE_CONFIG_DIR"
 
 
 def config_dir() -> Path:
     """The Hydra config tree: ``$FREE_CONFIG_DIR``, else ``params/`` of the source checkout."""
     configured = os.environ.get(CONFIG_DIR_ENV)
-    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "params"
+    path = Path(configured) if configured else project_root() / "params"
     if not (path / "config.yaml").is_file():
         raise ConfigError(
             f"no config.yaml in {path}; run from a checkout of free-pipeline (editable install) "
@@ -126,7 +126,10 @@ def _finish(merged: DictConfig) -> Config:
     except OmegaConfBaseException as err:
         raise ConfigError(_one_paragraph(err)) from err
     assert isinstance(cfg, Config)
-    # A relative dataset root is a folder under paths.data_dir (params stay machine-independent).
+    # Relative folders are under the project root, not the cwd, so a command works from anywhere;
+    # a relative dataset root is a folder under paths.data_dir (params stay machine-independent).
+    cfg.paths.data_dir = str(in_project(cfg.paths.data_dir))
+    cfg.paths.cache_dir = str(in_project(cfg.paths.cache_dir))
     if not Path(cfg.dataset.root).is_absolute():
         cfg.dataset.root = str(Path(cfg.paths.data_dir) / cfg.dataset.root)
     return validate(cfg)

@@ -4,7 +4,7 @@ Each dataclass mirrors one Hydra config group (``params/<group>/*.yaml``). Compo
 YAML tree onto these schemas, so a wrong type or an unknown key fails at start-up with the full key
 in the message; :func:`free.config.validate.validate` then checks values and cross-field rules.
 
-Fields are documented where the method gives them meaning; see ``../shared/DESIGN.md`` §1.
+Fields are documented where the method gives them meaning; see the README's "The pipeline" section.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Sources, all read by the same code:
   torchvision's :class:`~torchvision.datasets.Omniglot` downloads them into ``<root>/omniglot-py/``
   when ``download=True`` (online) - we let torchvision download and verify, then read the archives;
 * the "minimal" background sets ``images_background_small1.zip`` / ``..._small2.zip`` (242 distinct
-  characters; Greek and Latin appear in both), e.g. the offline copy in ``../shared/data/omniglot``;
+  characters; Greek and Latin appear in both), shipped with the project in ``data/omniglot/`` (the default root);
 * any of these archives already extracted into a folder of the same name.
 
 Archives with a known name are checked against a ``SHA256SUMS`` file next to them, else against

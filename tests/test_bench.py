@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from free import inversion
 from free.bench import recovery
 from free.bench.common import PeakMemory, median, write_result
 from free.cli import app
@@ -93,22 +93,34 @@ def test_first_reaching_reports_the_first_step_that_meets_the_target() -> None:
     assert recovery.first_reaching(rows, lambda r: r["quality"] <= -1.0)["seconds"] == math.inf
 
 
-def test_probe_stops_a_recovery_and_its_time_is_not_counted() -> None:
+class FakeClock:
+    """A clock that moves 1 s per reading, plus whatever a test adds: no wall time involved."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_probe_stops_a_recovery_and_its_time_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     teacher = build_classifier("conv4", 1, 3, 16, 8, [0.5], [0.25], track_running_stats=True).eval()
+    clock = FakeClock()
+    monkeypatch.setattr(inversion, "clock", clock)
     calls: list[tuple[int, float]] = []
 
     def probe(step: int, x: torch.Tensor, seconds: float) -> bool:
         calls.append((step, seconds))
-        time.sleep(0.2)  # the probe's own time must not count as recovery time
+        clock.now += 100.0  # a slow probe: its time must not count as recovery time
         return step == 3
 
     settings = InversionSettings(steps=50, lr=0.05, weights=LossWeights(1.0, 0.1))
     r = recover_pixels(teacher, 16, 1, 3, 2, settings, torch.Generator().manual_seed(0), probe=probe)
     assert [s for s, _ in calls] == [0, 1, 2, 3] and len(r.curve) == 4
-    seconds = [t for _, t in calls]
-    assert seconds == sorted(seconds)
-    assert seconds[-1] < 0.5  # three tiny pixel steps; with the probe's sleeps counted it would be >= 0.6
+    # One clock reading per step of recovery time; counting the probe would add ~101 per step.
+    assert [t for _, t in calls] == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_quality_probe_measures_the_unaugmented_batch_and_stops_at_both_targets() -> None:

@@ -16,9 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from free.config.schema import Config
-from free.paths import CONFIG_DIR_ENV, in_project, project_root
 from free.config.validate import ConfigError, validate
-
+from free.paths import CONFIG_DIR_ENV, in_project, project_root
 
 
 def config_dir() -> Path:

@@ -11,7 +11,7 @@ STAMP := $(VENV)/.setup-complete
 # pip on these machines warns about every missing local index folder; drop just that noise.
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 
-.PHONY: help setup run stack-up stack-down pipeline repro test test-all lint clean bench
+.PHONY: help setup preflight run stack-up stack-down pipeline repro test test-all lint clean bench
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,16 +24,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[ops,dev]" 2>&1 | $(QUIET_PIP)
 	touch $@
 
+preflight:  ## check data, ports and disk before installing or starting anything (seconds)
+	@python3 infra/preflight.py
+
 run: stack-up  ## main job: local stack up, then `prefect deployment run free/full-pipeline` (tiny preset)
 	eval "$$($(BIN)/free stack env)"; $(BIN)/prefect deployment run free/full-pipeline --watch
-	@eval "$$($(BIN)/free stack env)"; \
-	echo; echo "Done. Where to look (the stack keeps running; stop it with: make stack-down):"; \
-	echo "  Prefect UI  $${PREFECT_API_URL%/api}  (flow run, stage logs, report artifact)"; \
-	echo "  MLflow UI   $$MLFLOW_TRACKING_URI  (experiment 'free', model free-meta-learner@challenger)"; \
-	echo "  S3          $$FREE_S3_ENDPOINT_URL  bucket 'free': dvc/ (DVC remote), mlflow/ (artifacts)"; \
-	echo "  Metrics     artifacts/metrics/metatest.json   Next: .venv/bin/free promote"
+	@$(BIN)/free stack links
+	@echo "  Metrics     artifacts/metrics/metatest.json"
+	@echo
+	@echo "Next: .venv/bin/free promote   (alias champion -> this model; see README 'Promotion')"
+	@echo "In a new shell, to use free / dvc / prefect / mlflow directly:"
+	@echo '  source .venv/bin/activate && eval "$$(free stack env)"'
 
-stack-up: setup  ## start (or keep) the local Prefect, MLflow and S3 servers and the deployment worker
+stack-up: preflight  ## start (or keep) the local Prefect, MLflow and S3 servers and the deployment worker
+	@$(MAKE) --no-print-directory setup
 	$(BIN)/free stack up
 
 stack-down:  ## stop the local stack (by PID); its data stays in state/

@@ -302,8 +302,28 @@ def stack_up(
     report = stack.up(settings, say=lambda line: out.print(line, highlight=False))
     out.print(f"Prefect UI  {report['prefect_ui_url']}")
     out.print(f"MLflow UI   {report['mlflow_tracking_uri']}")
-    out.print(f"S3          {report['s3_endpoint_url']}  DVC remote {report['dvc_remote']}")
+    out.print(f"S3 files    {report['s3_browse_url']}  (DVC remote {report['dvc_remote']})")
+    endpoint = report["s3_endpoint_url"].removeprefix("http://")  # not a link: the S3 API answers a browser 403
+    out.print(f"S3 API      {endpoint}  (endpoint for S3 clients, not a web page)")
     out.print(f'Clients:    eval "$(free stack env)"   (credentials in {settings.state_dir}/credentials.env)')
+
+
+@stack_app.command("links")
+@stack_errors
+def stack_links(state_dir: StateDir = None) -> None:
+    """Where to look in a browser: the Prefect runs, the MLflow experiment and the S3 bucket's files."""
+    from free import stack
+
+    r = stack.status(_stack_settings(state_dir))
+    if not r["services"]["prefect"]["healthy"]:
+        raise stack.StackError(f"the local stack in {r['state_dir']} is not running: start it with `make stack-up`")
+    for line in (
+        "Where to look (the stack keeps running; stop it with: make stack-down):",
+        f"  Prefect UI  {r['prefect_ui_url']}/runs  (flow runs, stage logs, report artifact)",
+        f"  MLflow UI   {r['mlflow_tracking_uri']}  (experiment 'free', model free-meta-learner)",
+        f"  S3 files    {r['s3_browse_url']}  (dvc/: the DVC remote, mlflow/: artifacts)",
+    ):
+        out.print(line, highlight=False)
 
 
 @stack_app.command("down")

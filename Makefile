@@ -46,8 +46,8 @@ stack-down:  ## stop the local stack (by PID); its data stays in state/
 pipeline: setup  ## the whole pipeline in this process, no services (tiny preset)
 	$(BIN)/free pipeline experiment=tiny
 
-repro: setup  ## dvc repro with the project's python first on PATH (stage commands call `python`)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+repro: setup  ## dvc repro (stages run bin/project-python: this project's .venv whatever PATH says)
+	$(BIN)/dvc repro
 
 test: setup  ## lint + default test suite (slow tests excluded)
 	$(BIN)/ruff check .

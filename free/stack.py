@@ -196,7 +196,7 @@ def services(settings: StackSettings) -> list[Service]:
         worker_env = {
             **client_env(settings),
             "FREE_CONFIG_DIR": str(settings.project_dir / "params"),
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # stage commands call `python`
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # bin/project-python falls back to python3
         }
         listed.append(
             Service(

@@ -32,13 +32,24 @@ BIN = Path(sys.executable).parent
 
 
 def copy_project(source: Path, dest: Path) -> None:
-    """``source``'s tracked files (uncommitted edits included) as a fresh git repository in ``dest``."""
+    """The code of ``source`` (HEAD plus the change under test), without what its user ran, as a fresh
+    git repository in ``dest``.
+
+    Copies the files git tracks (staged new files included), as they are in the working tree (a
+    change under test need not be committed yet); never untracked or ignored ones: ``state/``, run
+    results (``dvc.lock``, ``artifacts/``), ``.venv``, caches, ``.dvc/config.local``. ``params.yaml``
+    is the one tracked file that running the project rewrites (``dvc exp run -S``, ``free config
+    params``): it is written anew from the copy's own ``params/`` tree, so the copy runs the defaults.
+    """
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=source, capture_output=True, check=True).stdout
     for name in filter(None, listed.decode().split("\0")):
         if (source / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, dest / name)
     (dest / ".dvc" / "config.local").unlink(missing_ok=True)  # machine credentials stay with their machine
+    env = {**os.environ, "FREE_CONFIG_DIR": str(dest / "params")}
+    write_params = [sys.executable, "-m", "free", "config", "params"]
+    subprocess.run(write_params, cwd=dest, env=env, check=True, capture_output=True)
     git = ["git", "-c", "user.name=free-bench", "-c", "user.email=bench@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)

@@ -51,9 +51,14 @@ def _adapted_query_logits(
     query_x: torch.Tensor,
     inner_steps: int,
     inner_lr: float,
+    n_way: int,
 ) -> torch.Tensor:
-    """One episode: adapt on ``(support_x, support_y)``, return ``(N*Q, n_classes)`` query logits."""
-    adapted = adapt(model, params, buffers, support_x, support_y, inner_steps, inner_lr)
+    """One episode: adapt on ``(support_x, support_y)``, return ``(N*Q, N)`` query logits.
+
+    The head for the ``N`` classes comes from :func:`free.maml.head_for_classes`, so a meta-learner
+    trained ``5``-way can be tested ``N``-way (the same head the served model uses for a request).
+    """
+    adapted = adapt(model, params, buffers, support_x, support_y, inner_steps, inner_lr, n_classes=n_way)
     return logits(model, adapted, buffers, query_x)
 
 
@@ -77,11 +82,14 @@ def query_logits(
         vectorised: ``vmap`` over the episodes (``True``) or a Python loop (the reference).
 
     Returns:
-        ``(E, N*Q, n_classes)`` logits of each episode's query images.
+        ``(E, N*Q, N)`` logits of each episode's query images, ``N = episodes.classes.shape[-1]``
+        (any way: the head for ``N`` classes is built from the support set when ``N`` differs from
+        the model's head, see :func:`free.maml.head_for_classes`).
     """
+    n_way = episodes.classes.shape[-1]  # a Python int: a static shape inside vmap
 
     def one(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
-        return _adapted_query_logits(model, params, buffers, sx, sy, qx, inner_steps, inner_lr)
+        return _adapted_query_logits(model, params, buffers, sx, sy, qx, inner_steps, inner_lr, n_way)
 
     # No outer graph is needed: torch.func.grad inside adapt() computes its own gradients even
     # under no_grad, and the initialisation may require grad when called from meta-training.

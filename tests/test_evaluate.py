@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -225,6 +226,67 @@ def test_stage_needs_a_fitting_checkpoint(fake_omniglot: Path, tmp_path: Path) -
     cfg = stage_config(fake_omniglot, tmp_path)
     with pytest.raises(FileNotFoundError, match="run `free metatrain` first"):
         stage.run(cfg)
-    other = write_checkpoint(cfg, tmp_path / "three_way.safetensors", n_classes=3)
-    with pytest.raises(CheckpointError, match="evaluate.n_way=5"):
+    ds = cfg.dataset
+    teacher_like = classifier_meta("conv4", ds.channels, 5, ds.image_size, 8, ds.mean, ds.std, True)
+    model = build_classifier("conv4", ds.channels, 5, ds.image_size, 8, ds.mean, ds.std, True)
+    other = tmp_path / "teacher.safetensors"
+    save_classifier(other, model.state_dict(), teacher_like)
+    with pytest.raises(CheckpointError, match="running statistics"):
         stage.run(cfg, checkpoint=other)
+
+
+def test_stage_tests_any_way_whatever_the_trained_head(fake_omniglot: Path, tmp_path: Path) -> None:
+    """A 3-way checkpoint tested 5-way, a 5-way one tested 3-way: the head for N classes comes from
+    the support prototypes (free.maml.head_for_classes), no CheckpointError."""
+    cfg = stage_config(fake_omniglot, tmp_path)
+    three_way = write_checkpoint(cfg, tmp_path / "three_way.safetensors", n_classes=3)
+    wider = stage.run(cfg, checkpoint=three_way)
+    assert list(wider) == ["5way_1shot", "5way_2shot", "episodes"]
+    five_way = write_checkpoint(cfg, tmp_path / "five_way.safetensors", n_classes=5)
+    narrower = stage.run(stage_config(fake_omniglot, tmp_path, "evaluate.n_way=3"), checkpoint=five_way)
+    assert list(narrower) == ["3way_1shot", "3way_2shot", "episodes"]
+    for result in (wider, narrower):
+        assert all(0 <= result[k]["acc"] <= 1 for k in result if k != "episodes")
+
+
+def test_query_logits_for_another_way_match_a_naive_prototype_loop() -> None:
+    """A 5-way linear-head learner on 10-way (and 3-way) episodes: the head is replaced by the
+    prototype-initialised N-way head (W_k = 2 c_k, b_k = -||c_k||^2), then plain SGD on the support
+    set. Checked against that recipe written out by hand with autograd, for vmap and the loop."""
+    model = learner(n_way=5, seed=2)
+    params, buffers = split_state(model)
+    steps, lr = 3, 0.3
+    for n_way in (10, 3):
+        episodes = EpisodeSampler(noise_split(n_classes=12), n_way=n_way, k_shot=2, q_query=2, seed=4).sample(3)
+        fast = query_logits(model, params, buffers, episodes, steps, lr, vectorised=True)
+        slow = query_logits(model, params, buffers, episodes, steps, lr, vectorised=False)
+        assert fast.shape == (3, 2 * n_way, n_way)
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+        for i in range(3):
+            torch.testing.assert_close(
+                slow[i], naive_prototype_maml(model, episodes[i], n_way, steps, lr), rtol=1e-4, atol=1e-4
+            )
+        accs = episode_accuracies(model, params, buffers, episodes, steps, lr)
+        assert accs.shape == (3,) and ((0 <= accs) & (accs <= 1)).all()
+    assert evaluate(model, params, buffers, noise_split(n_classes=12), 10, 1, 2, 4, 1, lr, 0, 2).shape == (4,)
+
+
+def naive_prototype_maml(model: torch.nn.Module, episode, n_way: int, steps: int, lr: float) -> torch.Tensor:
+    """Query logits ``(N*Q, N)``: prototypes by a per-class loop, head set by hand, SGD with autograd
+    on a deep copy of the network (no torch.func)."""
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        features = net.features(episode.support_x)  # (N*K, D)
+        prototypes = torch.stack([features[episode.support_y == k].mean(0) for k in range(n_way)])  # (N, D)
+        head = torch.nn.Linear(prototypes.shape[1], n_way)
+        head.weight.copy_(2 * prototypes)
+        head.bias.copy_(-(prototypes**2).sum(1))
+    net.net.classifier = head
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(episode.support_x), episode.support_y)
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        with torch.no_grad():
+            for p, g in zip(net.parameters(), grads, strict=True):
+                p -= lr * g
+    with torch.no_grad():
+        return net(episode.query_x)

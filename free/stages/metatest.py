@@ -93,11 +93,13 @@ def _settings(cfg: Config) -> dict[str, Any]:
 
 
 def _check_fits(path: Path, meta: dict[str, Any], cfg: Config) -> None:
-    """The checkpoint must take the configured images and output one logit per episode class."""
-    ds, ev = cfg.dataset, cfg.evaluate
+    """The checkpoint must take the configured images and adapt without writing buffers.
+
+    Its head width need not be ``evaluate.n_way``: each episode starts from the head for its ``N``
+    classes (:func:`free.maml.head_for_classes`; prototypes when ``N`` differs from the trained way).
+    """
+    ds = cfg.dataset
     problems = []
-    if meta["n_classes"] != ev.n_way:
-        problems.append(f"it outputs {meta['n_classes']} classes but evaluate.n_way={ev.n_way}")
     if meta["channels"] != ds.channels or meta["image_size"] != ds.image_size:
         problems.append(
             f"it takes {meta['channels']}x{meta['image_size']}x{meta['image_size']} images but the data set "

@@ -124,19 +124,23 @@ def config_params(
         bool, typer.Option("--check", help="Write nothing; exit 1 if the file differs from the composition.")
     ] = False,
 ) -> None:
-    """Write the resolved, machine-independent params.yaml that the DVC stages read (same as `dvc exp run -S`)."""
-    from free.config import params_yaml
+    """Write the resolved, machine-independent params.yaml that the DVC stages read (same as `dvc exp run -S`).
 
-    text = params_yaml(overrides or [])
+    Starts from the committed default, experiment=tiny, unless the overrides choose an experiment
+    (`~experiment` for the bare defaults of params/config.yaml)."""
+    from free.config import params_yaml, with_default_experiment
+
+    overrides = with_default_experiment(overrides or [])
+    text = params_yaml(overrides)
     if check:
         current = out_file.read_text(encoding="utf-8") if out_file.is_file() else None
         if current != text:
-            err.print(f"{out_file} is not the composition of params/ with {overrides or []}; run `free config params`")
+            err.print(f"{out_file} is not the composition of params/ with {overrides}; run `free config params`")
             raise typer.Exit(1)
         out.print(f"{out_file} is up to date")
         return
     out_file.write_text(text, encoding="utf-8")
-    out.print(f"wrote {out_file} ({' '.join(overrides or []) or 'defaults'})")
+    out.print(f"wrote {out_file} ({' '.join(overrides)})")
 
 
 @data_app.command("build")

@@ -84,3 +84,16 @@ def test_one_line_episode_from_the_meta_test_split(real_omniglot_root: Path, mon
     test_classes = set(load_split("test").class_names)
     train_classes = set(load_split("train").class_names)
     assert not test_classes & train_classes
+
+
+def test_config_params_starts_from_the_committed_tiny_preset(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "params.yaml"
+    assert runner.invoke(app, ["config", "params", "--out", str(out)]).exit_code == 0
+    assert out.read_text() == (repo / "params.yaml").read_text()  # back to the committed defaults
+    assert runner.invoke(app, ["config", "params", "--out", str(out), "evaluate.episodes=30"]).exit_code == 0
+    assert "episodes: 30" in out.read_text() and "n_teachers: 4" in out.read_text()  # tiny + the override
+    assert runner.invoke(app, ["config", "params", "--out", str(out), "~experiment"]).exit_code == 0
+    assert "episodes: 600" in out.read_text()  # the bare params/config.yaml defaults
+    bad = runner.invoke(app, ["config", "params", "--out", str(out), "experiment=null"])
+    assert bad.exit_code == 2 and "config error" in bad.output  # one line, no traceback

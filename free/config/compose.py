@@ -52,7 +52,7 @@ def hydra_compose_raw(overrides: Sequence[str] = ()) -> DictConfig:
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name="free"):
             return hydra_compose(config_name="config", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # ValueError: e.g. `group=null`
         raise ConfigError(_one_paragraph(err)) from err
 
 
@@ -90,6 +90,17 @@ def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"{path}: {_one_paragraph(err)}") from err
     return _finish(_typed(OmegaConf.merge(loaded, env, explicit), source=str(path)))
+
+
+# The preset that the committed params.yaml holds (what `dvc repro`, `make repro` and the flow's
+# default run): small enough for a laptop. `free config params` starts from it too.
+DEFAULT_EXPERIMENT = "tiny"
+
+
+def with_default_experiment(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with ``experiment=tiny`` in front unless they choose an experiment themselves."""
+    chosen = any(o.lstrip("+~").split("=", 1)[0] == "experiment" for o in overrides)
+    return list(overrides) if chosen else [f"experiment={DEFAULT_EXPERIMENT}", *overrides]
 
 
 def params_yaml(overrides: Sequence[str] = ()) -> str:

@@ -298,9 +298,10 @@ def test_promotion_gate_both_ways(live: Live, pipeline_run) -> None:
 def test_failed_flow_keeps_earlier_stages_and_a_rerun_resumes(live: Live, pipeline_run) -> None:
     prefect = str(BIN / "prefect")
     before = _lock(live.project)
-    # A real failure in the last stage: a 6-way meta-test of a 5-way meta-learner (CheckpointError).
+    # A real failure in the last stage: more query images than a meta-test class has (ValueError). (A 6-way
+    # meta-test of the 5-way meta-learner used to fail; it works now: free.maml.head_for_classes.)
     failed = live.run(
-        prefect, "deployment", "run", "free/full-pipeline", "-p", 'overrides=["evaluate.n_way=6"]', "--watch",
+        prefect, "deployment", "run", "free/full-pipeline", "-p", 'overrides=["evaluate.q_query=100"]', "--watch",
         check=False,
     )  # fmt: skip
     assert failed.returncode != 0 and "Failed" in failed.stdout
@@ -311,7 +312,7 @@ def test_failed_flow_keeps_earlier_stages_and_a_rerun_resumes(live: Live, pipeli
     assert (live.project / "artifacts" / "metalearner" / "metalearner.safetensors").is_file()
     client = live.client()
     experiment = client.get_experiment_by_name("free")
-    newest = client.search_runs([experiment.experiment_id], "tags.`pipeline.overrides` LIKE '%n_way=6%'")
+    newest = client.search_runs([experiment.experiment_id], "tags.`pipeline.overrides` LIKE '%q_query=100%'")
     assert newest and newest[0].info.status == "FAILED"
 
     live.run(prefect, "deployment", "run", "free/full-pipeline", "--watch")

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from free import __version__
+from free.cli_serve import serve_app
 from free.progress import bar
 
 app = typer.Typer(help="FREE: data-free meta-learning pipeline.", no_args_is_help=True, add_completion=False)
@@ -39,6 +40,7 @@ bench_app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 app.add_typer(bench_app, name="bench")
+app.add_typer(serve_app, name="serve")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)

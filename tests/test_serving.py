@@ -364,3 +364,65 @@ def test_mlflow_models_serve_answers_and_refuses(saved_model: Path) -> None:
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+# ---- free serve request / free serve model ------------------------------------------------------
+
+
+def test_serve_request_writes_a_request_the_served_model_answers(
+    fake_omniglot: Path, tmp_path: Path, http, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from free.cli import app
+
+    monkeypatch.setenv("FREE_CACHE_DIR", str(tmp_path / "cache"))
+    runner = CliRunner()
+    for labels, n_way in (("--string-labels", 3), ("--int-labels", 4)):
+        out = tmp_path / f"{labels[2:]}.json"
+        args = ["serve", "request", f"dataset.root={fake_omniglot}", "--n-way", str(n_way), "--k-shot", "2"]
+        result = runner.invoke(app, [*args, "--queries", "2", labels, "--seed", "3", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        body = json.loads(out.read_text())
+        assert list(body) == ["inputs"]
+        inputs = body["inputs"]
+        assert np.asarray(inputs["support_images"]).shape == (2 * n_way, 1, 28, 28)
+        assert np.asarray(inputs["query_images"]).shape == (2 * n_way, 1, 28, 28)
+        kinds = {type(v) for v in inputs["support_labels"]}
+        assert kinds == ({str} if labels == "--string-labels" else {int})
+        assert len(set(inputs["support_labels"])) == n_way
+        truth = json.loads(out.with_suffix(".truth.json").read_text())
+        assert sorted(truth) == sorted(inputs["support_labels"])  # 2 queries and 2 shots per class
+        answer = http.post("/invocations", json=body)
+        assert answer.status_code == 200, answer.text
+        assert set(answer.json()["predictions"]) <= set(inputs["support_labels"])
+    too_many = runner.invoke(app, ["serve", "request", f"dataset.root={fake_omniglot}", "--n-way", "50"])
+    assert too_many.exit_code == 1 and "n_way=50 is more than the 5 classes" in too_many.output
+
+
+def test_serve_model_runs_mlflow_models_serve_on_the_tracking_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import free.cli_serve
+    from free.cli import app
+    from free.stack import free_port_block
+
+    calls = []
+    monkeypatch.setattr(free.cli_serve.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    result = CliRunner().invoke(app, ["serve", "model", "-p", "5123"])
+    assert result.exit_code == 0, result.output
+    ((command, env),) = calls
+    assert command[1:] == ["-m", "mlflow", "models", "serve", "-m", "models:/free-meta-learner@champion",
+                           "--env-manager", "local", "-h", "127.0.0.1", "-p", "5123"]  # fmt: skip
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+
+    # No tracking URI and no local stack: one line that says how to fix it, exit 1, nothing run.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("FREE_MLFLOW_PORT", str(free_port_block(1)))
+    monkeypatch.setenv("FREE_STATE_DIR", str(tmp_path / "state"))  # no stack was started there
+    refused = CliRunner().invoke(app, ["serve", "model"])
+    assert refused.exit_code == 1 and "free serve model needs an MLflow server" in refused.output
+    assert len(calls) == 1

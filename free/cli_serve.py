@@ -109,7 +109,9 @@ def model(
                "-h", host, "-p", str(port)]  # fmt: skip
     if workers is not None:
         command += ["--workers", str(workers)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # mlflow starts `uvicorn` by name: this environment's bin/ must be on PATH even when it is not activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
     err.print(f"serving {model_uri} from {tracking_uri} on http://{host}:{port}/invocations", highlight=False)
     try:
         code = subprocess.call(command, env=env)

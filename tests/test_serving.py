@@ -331,6 +331,7 @@ def test_mlflow_models_serve_answers_and_refuses(saved_model: Path) -> None:
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", str(saved_model), "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},  # mlflow runs `uvicorn`
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
@@ -418,6 +419,7 @@ def test_serve_model_runs_mlflow_models_serve_on_the_tracking_server(
     assert command[1:] == ["-m", "mlflow", "models", "serve", "-m", "models:/free-meta-learner@champion",
                            "--env-manager", "local", "-h", "127.0.0.1", "-p", "5123"]  # fmt: skip
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+    assert env["PATH"].split(os.pathsep)[0] == str(BIN)  # mlflow starts `uvicorn` from there
 
     # No tracking URI and no local stack: one line that says how to fix it, exit 1, nothing run.
     monkeypatch.delenv("MLFLOW_TRACKING_URI")

@@ -89,7 +89,8 @@ def run(cfg: Config, checkpoint: Path | None = None, progress: Progress | None =
 def _settings(cfg: Config) -> dict[str, Any]:
     """What the metrics depend on besides the checkpoint (machine paths excluded)."""
     dataset = dataset_settings(cfg.dataset)
-    return {"evaluate": asdict(cfg.evaluate), "inner_lr": cfg.metalearn.inner_lr, "dataset": dataset}
+    settings = {"evaluate": asdict(cfg.evaluate), "inner_lr": cfg.metalearn.inner_lr, "dataset": dataset}
+    return {**settings, "threads": cfg.threads}  # the summation order, so the bits
 
 
 def _check_fits(path: Path, meta: dict[str, Any], cfg: Config) -> None:

@@ -101,6 +101,7 @@ def _settings(cfg: Config) -> dict[str, Any]:
         "method": cfg.method.name,
         "seed": cfg.seed,
         "device": cfg.device,
+        "threads": cfg.threads,  # the summation order, so the bits (see params/experiment/tiny.yaml)
     }
 
 

@@ -211,9 +211,10 @@ def _reusable_card(out: Path, index: int, teacher_fp: str) -> dict[str, Any] | N
 
 
 def _settings(cfg: Config) -> dict[str, Any]:
-    """What the zoo depends on: data set (without machine paths), teachers section, seed."""
+    """What the zoo depends on: data set (without machine paths), teachers section, seed, threads."""
     dataset = dataset_settings(cfg.dataset)
-    return {"dataset": dataset, "teachers": asdict(cfg.teachers), "seed": cfg.seed, "shift": SHIFT}
+    settings = {"dataset": dataset, "teachers": asdict(cfg.teachers), "seed": cfg.seed, "shift": SHIFT}
+    return {**settings, "threads": cfg.threads}  # the summation order, so the bits
 
 
 def _teacher_settings(settings: dict[str, Any]) -> dict[str, Any]:

@@ -1,14 +1,20 @@
 """Prefect flow ``free`` (deployment ``full-pipeline``): the DVC stages, tracked in MLflow.
 
-    prefect deployment run free/full-pipeline -p experiment=tiny -p 'overrides=["seed=1"]'
+    prefect deployment run free/full-pipeline -p experiment=tiny -p 'overrides=["seed=1"]' --watch
 
-1. writes ``params.yaml`` for the preset + overrides (what ``dvc exp run -S`` does);
+1. writes ``params.yaml`` for the preset + overrides (what ``dvc exp run -S`` does) for the run only:
+   the file the run found is put back afterwards, failed or not, so a run never edits tracked files;
 2. runs each stage through DVC (``dvc repro --single-item <stage>``), so the lock file, cache and
-   remote are the same whichever front door was used; unchanged stages are skipped by DVC. Stage
-   output goes to the Prefect log, the stage's progress to a progress artifact;
-3. logs a parent MLflow run with a nested run per stage, pushes the outputs to the DVC remote,
-   registers the meta-learner and points alias ``challenger`` at it;
-4. leaves a markdown artifact with the metrics and links.
+   remote are the same whichever front door was used; unchanged stages are skipped by DVC;
+3. logs a parent MLflow run (with the run's ``params.yaml``) and a nested run per stage (with the
+   stage's full output), pushes the outputs to the DVC remote, registers the meta-learner and points
+   alias ``challenger`` at it;
+4. leaves a markdown artifact with the metrics, the stages and links.
+
+What ``--watch`` shows: Prefect's CLI prints the flow run's *events* (the server streams logs only
+with ``PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED``, off by default). So each stage's outcome, a failed
+stage's error and the final metrics are also emitted as events (``free.stage``, ``free.pipeline``),
+one line each; the stage output goes to the task log (progress redraws and DVC's hints at DEBUG).
 
 A failed stage fails the flow; stages finished before it stay in the DVC cache and ``dvc.lock``,
 and ``metatrain`` keeps its resume checkpoint, so running the flow again resumes.
@@ -18,113 +24,195 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import tempfile
-import threading
+import time
+from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from rich.markup import escape
 
 from flows import tracking
 from free.config import Config, load_params, params_yaml
 
 STAGES = ("data", "teachers", "metatrain", "metatest")
-STAGE_COMMAND = {"data": "data build"}  # the rest: `python -m free <stage>`
+TAIL_LINES = 15  # of a failed stage's output, shown in the watched output and the error
+SCRATCH = Path(".dvc") / "tmp"  # DVC's own scratch folder: git-ignored by .dvc/.gitignore
+STAGE_LOGS = SCRATCH / "free-stage-logs"  # <stage>.log: the last run's full output of each stage
+PARAMS_BEFORE = SCRATCH / "free-params-before.yaml"  # params.yaml as found, while a run has replaced it
+
+# Redraws of a progress bar: rich (the stages' bars: `meta-training ━━━━╸━━ 12/20 0:01:02`) and tqdm
+# (DVC, MLflow: ` 45%|████▌     | 9/20 [00:01<00:02, 4.50it/s]`).
+_PROGRESS = re.compile(r"[━╸╺█▏▎▍▌▋▊▉]|\d%\||\d(?:it/s|s/it)\]")
+# What DVC says after every stage that ran, addressed to a person at a git prompt.
+_DVC_HINTS = re.compile(
+    r"^(?:Generating|Updating) lock file|^To (?:track the changes with git|enable auto staging), run:"
+    r"|^\s*(?:git add |dvc config core\.autostage)|^Use `dvc push`"
+)
 
 
-def _dvc(*args: str, project: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+# The frame of a rich traceback (the stages' error output): `╭─── Traceback ───╮`, `│ code │`, `╰───╯`.
+_FRAME_EDGE = re.compile(r"^\s*[╭╰]─.*[╮╯]\s*$")
+_FRAME_SIDES = re.compile(r"^\s*│ ?|\s*│\s*$")
+
+
+def is_noise(line: str) -> bool:
+    """A progress-bar redraw or DVC's git hints: kept in the full log, at DEBUG in the task log."""
+    return bool(_PROGRESS.search(line) or _DVC_HINTS.search(line))
+
+
+def error_line(line: str) -> str:
+    """A line of a failed stage's output as shown in its tail: without a traceback's frame, so that
+    the tail holds file:line, code and the exception rather than box drawing ("" to drop it)."""
+    if _FRAME_EDGE.match(line):
+        return ""
+    return _FRAME_SIDES.sub("", line).rstrip()
+
+
+def stage_outcome(stage: str, lines: Iterable[str]) -> str:
+    """``ran`` | ``restored`` (from DVC's run cache) | ``skipped`` (up to date), from DVC's output."""
+    outcome = "skipped"
+    for line in lines:
+        if line.startswith(f"Running stage '{stage}'"):
+            return "ran"
+        if line.startswith(f"Stage '{stage}' is cached"):
+            outcome = "restored"
+    return outcome
+
+
+def stage_summary(stage: str, outcome: str, seconds: float) -> str:
+    """The one line per stage of the watched output and the task log."""
+    return {
+        "ran": f"stage {stage}: ran in {seconds:.1f} s",
+        "restored": f"stage {stage}: restored from cache",  # short: one 80-column line in the watch
+        "skipped": f"stage {stage}: skipped (up to date)",
+    }[outcome]
+
+
+def metrics_line(metrics: dict) -> str:
+    """``metatest 5way_1shot 61.2% ± 4.3, 5way_5shot 80.1% ± 3.0 (20 episodes)``."""
+    settings = [f"{k} {v['acc'] * 100:.1f}% ± {v['ci95'] * 100:.1f}" for k, v in metrics.items() if isinstance(v, dict)]
+    return f"metatest {', '.join(settings)} ({metrics.get('episodes')} episodes)"
+
+
+class StageFailed(RuntimeError):
+    """``dvc repro`` of a stage exited non-zero; the message ends with the tail of its output."""
+
+
+def _dvc(*args: str, project: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "dvc", *args],
         cwd=project,
-        env={**os.environ, **(env or {})},
+        env=dict(os.environ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        text=True,  # universal newlines: a tqdm redraw ("\r") arrives as a line of its own
         bufsize=1,
     )
 
 
+def _announce(event: str, resource_id: str, text: str, labels: dict[str, str] | None = None) -> None:
+    """An event of this flow run, which ``prefect deployment run --watch`` prints as one line
+    ``<event> * <text>`` (the CLI renders the text as rich markup, hence the escape)."""
+    failed = (labels or {}).get("free.stage.outcome") == "failed"
+    resource = {
+        "prefect.resource.id": resource_id,
+        "prefect.resource.name": escape(text),
+        "prefect.state-type": "FAILED" if failed else "COMPLETED",  # the CLI colours the line by it
+        **(labels or {}),
+    }
+    emit_event(event=event, resource=resource, payload={"text": text})
+
+
 @task(cache_policy=NO_CACHE)  # bad overrides do not get better on retry
 def write_params(project: Path, overrides: list[str]) -> dict:
-    """Compose params/ with the overrides, write params.yaml, return the resolved tree."""
+    """Compose params/ with the overrides, write params.yaml for this run, return the resolved tree.
+
+    The file it replaces is kept in ``PARAMS_BEFORE`` until :func:`restore_params` puts it back."""
     import yaml
 
-    text = params_yaml(overrides)
-    path = project / "params.yaml"
+    text = params_yaml(overrides)  # raises ConfigError before anything is written
+    path, before = project / "params.yaml", project / PARAMS_BEFORE
+    if not before.is_file() and path.is_file():
+        before.parent.mkdir(parents=True, exist_ok=True)
+        before.write_bytes(path.read_bytes())
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
-    get_run_logger().info("params.yaml <- params/ %s", " ".join(overrides) or "(defaults)")
+    get_run_logger().info("params.yaml <- params/ %s (for this run)", " ".join(overrides) or "(defaults)")
     return yaml.safe_load(text)
+
+
+def restore_params(project: Path) -> bool:
+    """Put back the params.yaml that :func:`write_params` found (after a run, or after a run that was
+    killed before it could). Returns whether the file had to change."""
+    path, before = project / "params.yaml", project / PARAMS_BEFORE
+    if not before.is_file():
+        return False
+    original = before.read_bytes()
+    changed = not path.is_file() or path.read_bytes() != original
+    if changed:
+        path.write_bytes(original)
+    before.unlink()
+    return changed
 
 
 @task(cache_policy=NO_CACHE, task_run_name="stage-{stage}")  # no retries: a failed stage fails the same way
 def run_stage(project: Path, stage: str) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``, its output in the task log, its progress as an artifact."""
+    """``dvc repro --single-item <stage>``: its output to the task log and ``STAGE_LOGS/<stage>.log``,
+    one summary line (ran / restored / skipped, seconds) as a log line and a ``free.stage`` event."""
     logger = get_run_logger()
-    with tempfile.TemporaryDirectory() as tmp:
-        progress_file = Path(tmp) / "progress.json"
-        proc = _dvc("repro", "--single-item", stage, project=project, env={"FREE_PROGRESS_FILE": str(progress_file)})
-        watcher = _ProgressWatcher(progress_file, stage)
-        watcher.start()
-        assert proc.stdout is not None
-        tail: list[str] = []
-        ran = False
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                logger.info("%s", line)
-                tail = [*tail[-19:], line]
-                ran = ran or line.startswith(f"Running stage '{stage}'")
-        code = proc.wait()
-        watcher.stop()
+    log_file = project / STAGE_LOGS / f"{stage}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    proc = _dvc("repro", "--single-item", stage, project=project)
+    assert proc.stdout is not None
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    outcome_lines: list[str] = []
+    with log_file.open("w") as full:
+        for raw in proc.stdout:
+            full.write(raw)
+            line = raw.rstrip()
+            if not line.strip():
+                continue
+            if is_noise(line):
+                logger.debug("%s", line)
+                continue
+            logger.info("%s", line)
+            if error_line(line).strip():
+                tail.append(error_line(line))
+            if line.startswith(("Running stage", "Stage ")):
+                outcome_lines.append(line)
+    code = proc.wait()
+    seconds = time.monotonic() - started
     if code != 0:
-        raise RuntimeError(f"stage {stage} failed (dvc repro exit {code}):\n" + "\n".join(tail))
-    logger.info("stage %s: %s", stage, "ran" if ran else "up to date (skipped or restored from the DVC cache)")
-    return {"stage": stage, "ran": ran}
-
-
-class _ProgressWatcher(threading.Thread):
-    """Mirror the stage's progress file (written by free.progress.bar) into a Prefect progress artifact."""
-
-    def __init__(self, path: Path, stage: str) -> None:
-        super().__init__(daemon=True)
-        self.path, self.stage, self.done = path, stage, threading.Event()
-        self.artifact = create_progress_artifact(0.0, key=f"stage-{stage}", description=f"stage {stage}")
-
-    def run(self) -> None:
-        last = None
-        while not self.done.wait(2.0):
-            last = self._update(last)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join(timeout=5)
-        update_progress_artifact(self.artifact, 100.0, description=f"stage {self.stage}: done")
-
-    def _update(self, last: Any) -> Any:
-        try:
-            state = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return last
-        if state != last and state.get("total"):
-            percent = 100.0 * state["completed"] / state["total"]
-            text = f"stage {self.stage}: {state['description']} {state['completed']}/{state['total']}"
-            update_progress_artifact(self.artifact, percent, description=text)
-        return state
+        head = f"stage {stage} FAILED after {seconds:.1f} s"
+        shown = "\n".join([f"{head}:", *(f"  {line}" for line in tail)])
+        _announce("free.stage", f"free.stage.{stage}", shown, {"free.stage.outcome": "failed"})
+        raise StageFailed(f"{head} (dvc repro exit {code}; full output in {log_file}):\n" + "\n".join(tail))
+    outcome = stage_outcome(stage, outcome_lines)
+    summary = stage_summary(stage, outcome, seconds)
+    logger.info("%s", summary)
+    _announce("free.stage", f"free.stage.{stage}", summary, {"free.stage.outcome": outcome})
+    return {"stage": stage, "ran": outcome == "ran", "outcome": outcome, "seconds": round(seconds, 1)}
 
 
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)  # tracking server: network
-def open_tracking(cfg: Config, params: dict, tags: dict[str, str]) -> str:
-    return tracking.start_parent(cfg, params, tags)
+def open_tracking(cfg: Config, params: dict, tags: dict[str, str], params_text: str) -> str:
+    return tracking.start_parent(cfg, params, tags, params_text)
 
 
 @task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def track_stage(parent_id: str, stage: str, project: Path, cfg: Config, params: dict, info: dict) -> str:
-    return tracking.log_stage(parent_id, stage, project, cfg, params, info)
+def track_stage(
+    parent_id: str, stage: str, project: Path, cfg: Config, params: dict, info: dict, log_file: Path
+) -> str:
+    return tracking.log_stage(parent_id, stage, project, cfg, params, info, log_file)
 
 
 @task(retries=3, retry_delay_seconds=10, cache_policy=NO_CACHE)  # S3: network
@@ -133,7 +221,8 @@ def push_outputs(project: Path) -> str:
     output = proc.communicate()[0]
     if proc.returncode != 0:
         raise RuntimeError(f"dvc push failed:\n{output[-3000:]}")
-    get_run_logger().info("%s", output.strip().splitlines()[-1] if output.strip() else "dvc push: nothing to push")
+    lines = [line for line in output.strip().splitlines() if line.strip() and not is_noise(line)]
+    get_run_logger().info("%s", lines[-1] if lines else "dvc push: nothing to push")
     return output
 
 
@@ -158,25 +247,23 @@ def full_pipeline(
 ) -> dict:
     """The whole pipeline on ``experiment`` (a preset in params/experiment/, or "" for the defaults)."""
     project = Path.cwd()
+    logger = get_run_logger()
+    if restore_params(project):  # a run killed before it could put params.yaml back
+        logger.warning("params.yaml: put back the file that an interrupted run had replaced")
     all_overrides = [*([f"experiment={experiment}"] if experiment else []), *(overrides or [])]
-    params = write_params(project, all_overrides)
-    cfg = load_params(project / "params.yaml")
-    flow_run = runtime.flow_run
-    tags = {
-        "mlflow.runName": f"full-pipeline {flow_run.name or ''}".strip(),
-        "prefect.flow_run_id": str(flow_run.id or ""),
-        "prefect.flow_run_url": str(flow_run.ui_url or ""),
-        "pipeline.experiment": experiment or "(defaults)",
-        "pipeline.overrides": " ".join(all_overrides),
-        "git.commit": tracking.git_commit(project),
-    }
-    parent_id = open_tracking(cfg, params, tags)
+    commit = tracking.git_commit(project)  # before params.yaml is replaced for the run
     try:
-        for stage in STAGES:
-            info = run_stage(project, stage)
-            track_stage(parent_id, stage, project, cfg, params, info)
+        params = write_params(project, all_overrides)
+        params_text = (project / "params.yaml").read_text()
+        cfg = load_params(project / "params.yaml")
+        parent_id = _open(cfg, params, params_text, experiment, all_overrides, commit)
+        stages = _run_stages(project, cfg, params, parent_id)
+    finally:
+        if restore_params(project):
+            logger.info("params.yaml: put back as the run found it")
+    try:
         metrics = json.loads((project / cfg.paths.artifacts_dir / "metrics" / "metatest.json").read_text())
-        lineage = tracking.lineage_tags(project, cfg)
+        lineage = {**tracking.lineage_tags(project, cfg), "git.commit": commit}
         if push:
             push_outputs(project)
         model = register(parent_id, project, cfg, metrics, lineage) if register_model else None
@@ -184,12 +271,49 @@ def full_pipeline(
         tracking.finish(cfg, parent_id, "FAILED")
         raise
     tracking.finish(cfg, parent_id, "FINISHED", tags=lineage, metrics=tracking.headline(metrics))
-    summary = {"mlflow_run_id": parent_id, "metrics": metrics, "model": model}
-    create_markdown_artifact(_report(cfg, parent_id, metrics, model, all_overrides), key="free-pipeline-report")
+    logger.info("%s", metrics_line(metrics))
+    _announce("free.pipeline", "free.pipeline.metrics", metrics_line(metrics))
+    summary = {"mlflow_run_id": parent_id, "metrics": metrics, "model": model, "stages": stages}
+    create_markdown_artifact(_report(cfg, parent_id, metrics, model, all_overrides, stages), key="free-pipeline-report")
     return summary
 
 
-def _report(cfg: Config, run_id: str, metrics: dict, model: dict | None, overrides: list[str]) -> str:
+def _run_stages(project: Path, cfg: Config, params: dict, parent_id: str) -> list[dict[str, Any]]:
+    """Each stage, then its nested MLflow run; a failed stage gets a FAILED nested run with its output."""
+    done = []
+    try:
+        for stage in STAGES:
+            log_file = project / STAGE_LOGS / f"{stage}.log"
+            try:
+                info = run_stage(project, stage)
+            except StageFailed:
+                failed = {"stage": stage, "ran": True, "outcome": "failed"}
+                track_stage(parent_id, stage, project, cfg, params, failed, log_file, return_state=True)
+                raise
+            track_stage(parent_id, stage, project, cfg, params, info, log_file)
+            done.append(info)
+    except BaseException:
+        tracking.finish(cfg, parent_id, "FAILED")
+        raise
+    return done
+
+
+def _open(cfg: Config, params: dict, params_text: str, experiment: str, overrides: list[str], commit: str) -> str:
+    flow_run = runtime.flow_run
+    tags = {
+        "mlflow.runName": f"full-pipeline {flow_run.name or ''}".strip(),
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_url": str(flow_run.ui_url or ""),
+        "pipeline.experiment": experiment or "(defaults)",
+        "pipeline.overrides": " ".join(overrides),
+        "git.commit": commit,
+    }
+    return open_tracking(cfg, params, tags, params_text)
+
+
+def _report(
+    cfg: Config, run_id: str, metrics: dict, model: dict | None, overrides: list[str], stages: list[dict]
+) -> str:
     uri = cfg.tracking.tracking_uri.rstrip("/")
     tracker = tracking.client(cfg)
     experiment_id = tracker.get_run(run_id).info.experiment_id
@@ -206,7 +330,12 @@ def _report(cfg: Config, run_id: str, metrics: dict, model: dict | None, overrid
         "",
         f"{metrics.get('episodes')} meta-test episodes per setting.",
         "",
-        f"- MLflow run: [{run_id}]({uri}/#/experiments/{experiment_id}/runs/{run_id})",
+        "| stage | outcome | seconds |",
+        "|---|---|---|",
+        *(f"| {s['stage']} | {s['outcome']} | {s['seconds']:.1f} |" for s in stages),
+        "",
+        f"- MLflow run: [{run_id}]({uri}/#/experiments/{experiment_id}/runs/{run_id})"
+        " (nested runs per stage, each with its full output as `logs/<stage>.log`)",
     ]
     if model:
         link = f"{uri}/#/models/{model['name']}/versions/{model['version']}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -29,6 +30,9 @@ STAGE_SECTIONS = {  # the config sections each stage reads (logged as the nested
     "metatrain": ("seed", "device", "model", "inversion", "taskcache", "metalearn", "method"),
     "metatest": ("evaluate",),
 }
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, assistant); with it,
+# on the runs. Set when the experiment is created, and added to an existing one that lacks it.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 CURVE_METRICS = ("query_acc", "query_loss", "teacher_acc", "inversion_loss", "recovery_seconds", "val_acc")
 
 
@@ -60,17 +64,32 @@ def git_commit(project: Path) -> str:
 
 def client(cfg: Config) -> MlflowClient:
     """A client of the configured tracking server (``MLFLOW_TRACKING_URI`` wins, see free.config)."""
+    # tqdm bars of artifact up/downloads would only be redraw noise in the worker's log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     return MlflowClient(cfg.tracking.tracking_uri)
 
 
-def start_parent(cfg: Config, params: dict, tags: dict[str, str]) -> str:
-    """Open the pipeline's parent run, left RUNNING until :func:`finish`. Returns its id."""
+def ensure_experiment(tracker: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing, tagged as model development (runs view)."""
+    key, kind = EXPERIMENT_KIND
+    experiment = tracker.get_experiment_by_name(name)
+    if experiment is None:
+        return tracker.create_experiment(name, tags={key: kind})
+    if key not in experiment.tags:  # an explicit choice of another kind stays
+        tracker.set_experiment_tag(experiment.experiment_id, key, kind)
+    return experiment.experiment_id
+
+
+def start_parent(cfg: Config, params: dict, tags: dict[str, str], params_text: str | None = None) -> str:
+    """Open the pipeline's parent run, left RUNNING until :func:`finish`: the resolved config as
+    flattened params and (``params_text``) as the artifact ``params.yaml``. Returns its id."""
     tracker = client(cfg)
-    experiment = tracker.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = experiment.experiment_id if experiment else tracker.create_experiment(cfg.tracking.experiment)
+    experiment_id = ensure_experiment(tracker, cfg.tracking.experiment)
     run = tracker.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName"))
     _log(tracker, run.info.run_id, params=flatten(params))
+    if params_text is not None:
+        tracker.log_text(run.info.run_id, params_text, "params.yaml")
     return run.info.run_id
 
 
@@ -82,19 +101,28 @@ def finish(
     tracker.set_terminated(run_id, status)
 
 
-def log_stage(parent_id: str, stage: str, project: Path, cfg: Config, params: dict, info: dict[str, Any]) -> str:
-    """A nested run for ``stage``: its config sections, metrics (curves with steps), artifacts, lineage."""
+def log_stage(
+    parent_id: str, stage: str, project: Path, cfg: Config, params: dict, info: dict[str, Any],
+    log_file: Path | None = None,
+) -> str:  # fmt: skip
+    """A nested run for ``stage``: its config sections, metrics (curves with steps), artifacts, lineage,
+    and its full output (``log_file``) as ``logs/<stage>.log``. ``info["outcome"] == "failed"``: only
+    the config and the output, and the run ends FAILED."""
     tracker = client(cfg)
     parent = tracker.get_run(parent_id)
     tags = {"mlflow.parentRunId": parent_id, **{f"stage.{k}": str(v) for k, v in info.items()}}
     run_id = tracker.create_run(parent.info.experiment_id, tags=tags, run_name=stage).info.run_id
+    failed = info.get("outcome") == "failed"
     try:
         _log(tracker, run_id, params=flatten({k: params[k] for k in STAGE_SECTIONS[stage] if k in params}))
-        LOGGERS[stage](tracker, run_id, project / cfg.paths.artifacts_dir)
+        if log_file is not None and log_file.is_file():
+            tracker.log_artifact(run_id, str(log_file), "logs")
+        if not failed:
+            LOGGERS[stage](tracker, run_id, project / cfg.paths.artifacts_dir)
     except Exception:
         tracker.set_terminated(run_id, "FAILED")
         raise
-    tracker.set_terminated(run_id, "FINISHED")
+    tracker.set_terminated(run_id, "FAILED" if failed else "FINISHED")
     return run_id
 
 

@@ -198,3 +198,161 @@ def test_predict_episode_rejects_bad_requests() -> None:
 @pytest.mark.parametrize("path", ["state/credentials.env", ".dvc/config.local"])
 def test_credentials_files_are_git_ignored(path: str) -> None:
     assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
+
+
+# --- the flow free/full-pipeline: what `prefect deployment run --watch` shows, params.yaml, MLflow ---
+
+RICH_BAR = "meta-training (free) ━━━━━━━━━━━━━━━━━━━╸━━━━━━━━━━━━━ 12/20 0:02:01 eta 0:01:20"
+TQDM_BAR = "Downloading artifacts:  45%|████▌     | 9/20 [00:01<00:02,  4.50it/s]"
+
+
+def test_stage_output_noise_outcome_and_summary() -> None:
+    from flows.pipeline import error_line, is_noise, stage_outcome, stage_summary
+
+    for noise in (RICH_BAR, TQDM_BAR, "Updating lock file 'dvc.lock'", "\tgit add dvc.lock", "Use `dvc push` to send"):
+        assert is_noise(noise), noise
+    for kept in ("omniglot: 242 classes, 4840 images", "ValueError: k_shot + q_query = 101", "> python -m free data",
+                 "│ /p/free/data/episodes.py:76 in __init__ │", "ERROR: failed to reproduce 'metatest'"):  # fmt: skip
+        assert not is_noise(kept), kept
+    assert stage_outcome("data", ["Running stage 'data':", "> python -m free data build"]) == "ran"
+    assert stage_outcome("data", ["Stage 'data' is cached - skipping run, checking out outputs"]) == "restored"
+    assert stage_outcome("data", ["Stage 'data' didn't change, skipping"]) == "skipped"
+    assert stage_outcome("teachers", ["Running stage 'data':"]) == "skipped"  # another stage's line
+    assert stage_summary("metatrain", "ran", 234.56) == "stage metatrain: ran in 234.6 s"
+    assert stage_summary("metatrain", "skipped", 0.9) == "stage metatrain: skipped (up to date)"
+    # rich traceback frames: the file:line and code stay, the box drawing goes
+    assert (
+        error_line("│ /p/free/data/episodes.py:76 in __init__          │") == "/p/free/data/episodes.py:76 in __init__"
+    )
+    assert error_line("│ ❱  76 │   │   raise ValueError(      │") == "❱  76 │   │   raise ValueError("
+    assert error_line("╰──────────────────────────────╯") == ""
+    assert error_line("ValueError: bad") == "ValueError: bad"
+
+
+def test_metrics_line() -> None:
+    from flows.pipeline import metrics_line
+
+    metrics = {
+        "5way_1shot": {"acc": 0.6128, "ci95": 0.0488},
+        "5way_5shot": {"acc": 0.7664, "ci95": 0.041},
+        "episodes": 25,
+    }
+    assert metrics_line(metrics) == "metatest 5way_1shot 61.3% ± 4.9, 5way_5shot 76.6% ± 4.1 (25 episodes)"
+
+
+class _Logged(list):
+    def log(self, level: int, msg: str, *args) -> None:
+        self.append((level, msg % args))
+
+    def debug(self, msg: str, *args) -> None:
+        self.log(10, msg, *args)
+
+    def info(self, msg: str, *args) -> None:
+        self.log(20, msg, *args)
+
+
+def _fake_dvc(tmp_path: Path, script: str):
+    """A stand-in for ``python -m dvc`` that prints what ``script`` prints."""
+    (tmp_path / "fake_dvc.py").write_text(script)
+
+    def popen(*args: str, project: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(tmp_path / "fake_dvc.py")], cwd=project, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+
+    return popen
+
+
+def test_run_stage_logs_progress_at_debug_and_announces_one_line(tmp_path: Path, monkeypatch) -> None:
+    import flows.pipeline as pipeline
+
+    script = f"""import sys
+print("Running stage 'data':")
+print("> python -m free data build")
+sys.stderr.write({RICH_BAR!r} + "\\r" + {RICH_BAR!r} + "\\n")
+print("classes per split: train 150, val 40, test 52")
+print("Updating lock file 'dvc.lock'")
+"""
+    logged, announced = _Logged(), []
+    monkeypatch.setattr(pipeline, "_dvc", _fake_dvc(tmp_path, script))
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: logged)
+    monkeypatch.setattr(pipeline, "_announce", lambda *args: announced.append(args))
+    info = pipeline.run_stage.fn(tmp_path, "data")
+    assert info["outcome"] == "ran" and info["ran"] is True and info["seconds"] >= 0
+    assert [text for level, text in logged if level == 10] == [RICH_BAR, RICH_BAR, "Updating lock file 'dvc.lock'"]
+    assert [text for level, text in logged if level == 20][-2:] == [
+        "classes per split: train 150, val 40, test 52",
+        f"stage data: ran in {info['seconds']:.1f} s",
+    ]
+    assert announced == [("free.stage", "free.stage.data", logged[-1][1], {"free.stage.outcome": "ran"})]
+    full = (tmp_path / pipeline.STAGE_LOGS / "data.log").read_text()
+    assert full.count(RICH_BAR) == 2 and "Updating lock file" in full  # the full output, kept
+
+
+def test_run_stage_failure_shows_the_tail_of_its_error(tmp_path: Path, monkeypatch) -> None:
+    import flows.pipeline as pipeline
+
+    script = """import sys
+print("Running stage 'metatest':")
+for i in range(30):
+    print(f"line {i}")
+sys.stderr.write("╭──── Traceback ────╮\\n│ /p/episodes.py:76 in __init__ │\\n╰───────────────────╯\\n")
+sys.stderr.write("ValueError: k_shot + q_query = 101 but a class has only 20 images\\n")
+sys.stderr.write("ERROR: failed to reproduce 'metatest': failed to run: python -m free metatest, exited with 1\\n")
+sys.exit(255)
+"""
+    announced = []
+    monkeypatch.setattr(pipeline, "_dvc", _fake_dvc(tmp_path, script))
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: _Logged())
+    monkeypatch.setattr(pipeline, "_announce", lambda *args: announced.append(args))
+    with pytest.raises(pipeline.StageFailed, match=r"stage metatest FAILED after .* s \(dvc repro exit 255") as err:
+        pipeline.run_stage.fn(tmp_path, "metatest")
+    ((event, resource, text, labels),) = announced
+    lines = text.splitlines()
+    assert lines[0].startswith("stage metatest FAILED after") and labels == {"free.stage.outcome": "failed"}
+    assert len(lines) == 1 + pipeline.TAIL_LINES
+    assert lines[-3:] == [
+        "  /p/episodes.py:76 in __init__",
+        "  ValueError: k_shot + q_query = 101 but a class has only 20 images",
+        "  ERROR: failed to reproduce 'metatest': failed to run: python -m free metatest, exited with 1",
+    ]
+    assert "line 29" in text and "line 10" not in text
+    assert str(err.value).endswith("exited with 1")
+
+
+def test_params_yaml_is_written_for_the_run_and_put_back(tmp_path: Path, monkeypatch) -> None:
+    import flows.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: _Logged())
+    committed = (REPO / "params.yaml").read_bytes()
+    (tmp_path / "params.yaml").write_bytes(committed)
+    tree = pipeline.write_params.fn(tmp_path, ["experiment=tiny", "evaluate.episodes=25"])
+    assert tree["evaluate"]["episodes"] == 25 and b"episodes: 25" in (tmp_path / "params.yaml").read_bytes()
+    assert pipeline.restore_params(tmp_path) is True
+    assert (tmp_path / "params.yaml").read_bytes() == committed
+    assert pipeline.restore_params(tmp_path) is False  # nothing left to put back
+    # A run killed between the two: the next run puts the file back before anything else.
+    pipeline.write_params.fn(tmp_path, ["experiment=tiny", "seed=7"])
+    pipeline.write_params.fn(tmp_path, ["experiment=tiny", "seed=8"])  # keeps the first original, not seed=7
+    assert pipeline.restore_params(tmp_path) is True
+    assert (tmp_path / "params.yaml").read_bytes() == committed
+    with pytest.raises(ConfigError):  # a bad override writes nothing
+        pipeline.write_params.fn(tmp_path, ["evaluate.episodes=many"])
+    assert (tmp_path / "params.yaml").read_bytes() == committed and not (tmp_path / pipeline.PARAMS_BEFORE).exists()
+
+
+def test_experiment_is_created_and_kept_as_model_development(tmp_path: Path, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from flows.tracking import ensure_experiment
+
+    monkeypatch.chdir(tmp_path)  # the SQLite store's default artifact root is ./mlruns
+    tracker = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    kind = "mlflow.experimentKind"
+    created = ensure_experiment(tracker, "free")
+    assert tracker.get_experiment(created).tags[kind] == "custom_model_development"
+    old = tracker.create_experiment("made-before")  # e.g. by an earlier version of the flow: no tag
+    assert ensure_experiment(tracker, "made-before") == old
+    assert tracker.get_experiment(old).tags[kind] == "custom_model_development"
+    chosen = tracker.create_experiment("genai", tags={kind: "genai_development"})
+    ensure_experiment(tracker, "genai")
+    assert tracker.get_experiment(chosen).tags[kind] == "genai_development"  # someone's explicit choice stays

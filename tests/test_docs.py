@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +13,53 @@ from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+
+
+@dataclass
+class Block:
+    """A ```bash block of the README: run by the README test in a fresh shell unless marked.
+
+    The marker is an HTML comment on the line before the fence: ``<!-- readme-test: skip (why) -->``
+    (not run, e.g. hours on a GPU), or ``<!-- readme-test: new-shell -->`` (the lines every new shell
+    starts with; run before each other block).
+    """
+
+    line: int
+    code: str
+    marker: str | None
+
+    @property
+    def skip_reason(self) -> str | None:
+        m = re.fullmatch(r"skip \((.+)\)", self.marker or "")
+        return m.group(1) if m else None
+
+    @property
+    def new_shell(self) -> bool:
+        return self.marker == "new-shell"
+
+
+def readme_blocks(text: str = README) -> list[Block]:
+    blocks = []
+    for m in re.finditer(r"```bash\n(.*?)```", text, flags=re.S):
+        before = text[: m.start()].rstrip().splitlines()
+        marker = re.fullmatch(r"<!-- readme-test: (.+?) -->", before[-1].strip()) if before else None
+        blocks.append(Block(text[: m.start()].count("\n") + 1, m.group(1), marker.group(1) if marker else None))
+    return blocks
+
+
+def test_every_readme_block_is_run_or_says_why_not() -> None:
+    blocks = readme_blocks()
+    assert sum(b.new_shell for b in blocks) == 1, "exactly one new-shell block"
+    for block in blocks:
+        assert block.marker is None or block.new_shell or block.skip_reason, f"README line {block.line}: {block.marker}"
+    assert sum(b.skip_reason is None for b in blocks) > 5  # most are run
+
+
+def test_readme_block_markers_are_parsed() -> None:
+    text = "x\n<!-- readme-test: skip (a GPU) -->\n```bash\nmake gpu\n```\n\n```bash\nls\n```\n"
+    first, second = readme_blocks(text)
+    assert (first.skip_reason, first.code, first.line) == ("a GPU", "make gpu\n", 3)
+    assert (second.skip_reason, second.new_shell, second.code) == (None, False, "ls\n")
 
 
 def readme_free_commands() -> list[list[str]]:

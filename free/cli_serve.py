@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -113,8 +114,27 @@ def model(
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
     err.print(f"serving {model_uri} from {tracking_uri} on http://{host}:{port}/invocations", highlight=False)
+    raise typer.Exit(_run_server(command, env))
+
+
+def _run_server(command: list[str], env: dict[str, str]) -> int:
+    """Run the server in its own process group and stop the whole group (mlflow, uvicorn and its
+    workers) when this process is interrupted or terminated: `kill <pid of free serve model>`
+    must not leave an orphaned server holding the port. Returns the exit code."""
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    stopped = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # already gone
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        code = 130
-    raise typer.Exit(code)
+        code = server.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if stopped else code

@@ -411,7 +411,17 @@ def test_serve_model_runs_mlflow_models_serve_on_the_tracking_server(
     from free.stack import free_port_block
 
     calls = []
-    monkeypatch.setattr(free.cli_serve.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+
+    class FakeServer:
+        def __init__(self, cmd: list[str], env: dict[str, str], start_new_session: bool) -> None:
+            assert start_new_session  # its own process group, stopped as a whole
+            calls.append((cmd, env))
+            self.pid = -1
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(free.cli_serve.subprocess, "Popen", FakeServer)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     result = CliRunner().invoke(app, ["serve", "model", "-p", "5123"])
     assert result.exit_code == 0, result.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
+from flows.pipeline import is_noise
 from free import stack
 from free.bench.pipeline import copy_project
 from free.stack import free_port_block
@@ -92,6 +94,35 @@ def pipeline_run(live: Live) -> subprocess.CompletedProcess:
     return proc
 
 
+STAGES = ("data", "teachers", "metatrain", "metatest")
+
+
+def _stage_lines(watched: str) -> dict[str, list[str]]:
+    """The ``free.stage`` lines of a ``--watch`` output, per stage (the flow emits one per stage)."""
+    found: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for line in watched.splitlines():
+        match = re.search(r"free\.stage \* stage (\w+)(:| FAILED)", line)
+        if match:
+            found[match.group(1)].append(line[match.start() + len("free.stage * ") :])
+    return found
+
+
+def _flat(text: str) -> str:
+    """Whitespace collapsed: rich wraps long lines of the watched output at the terminal width."""
+    return " ".join(text.split())
+
+
+def _git_changes(project: Path) -> tuple[list[str], set[str]]:
+    """(changed tracked files, untracked files) of the project copy, from ``git status --porcelain``."""
+    lines = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    return [x for x in lines if not x.startswith("?? ")], {x[3:] for x in lines if x.startswith("?? ")}
+
+
+RUN_RESULTS = {"dvc.lock", "artifacts/metrics/metatest.json"}  # untracked: DVC's lock and cache: false metric
+
+
 def _lock(project: Path) -> dict:
     return yaml.safe_load((project / "dvc.lock").read_text())["stages"]
 
@@ -121,12 +152,29 @@ def test_stack_up_twice_keeps_the_running_services(live: Live) -> None:
     assert all("already running" in line for line in lines), lines
 
 
+def test_watched_output_is_one_line_per_stage_and_the_metrics(live: Live, pipeline_run) -> None:
+    watched = pipeline_run.stdout
+    lines = _stage_lines(watched)
+    for stage in STAGES:  # a fresh copy: every stage runs
+        assert len(lines[stage]) == 1 and re.fullmatch(rf"stage {stage}: ran in \d+\.\d s", lines[stage][0]), lines
+    assert not [line for line in watched.splitlines() if is_noise(line)], watched
+    assert "artifact.updated" not in watched and "━" not in watched  # no progress artifacts or bars
+    metrics = json.loads((live.project / "artifacts" / "metrics" / "metatest.json").read_text())
+    shown = f"{metrics['5way_1shot']['acc'] * 100:.1f}% ± {metrics['5way_1shot']['ci95'] * 100:.1f}"
+    assert f"free.pipeline * metatest 5way_1shot {shown}" in _flat(watched), watched
+    assert _flat(watched).index("free.pipeline *") < _flat(watched).index("Flow run finished successfully")
+
+
 def test_deployment_runs_the_tiny_pipeline_and_registers_a_challenger(live: Live, pipeline_run) -> None:
     assert "Completed" in pipeline_run.stdout
     client = live.client()
     version = client.get_model_version_by_alias(MODEL, "challenger")
     parent = client.get_run(version.tags["mlflow.run_id"])
     assert parent.info.status == "FINISHED"
+    # MLflow 3's UI opens the experiment on its runs (not the GenAI view) with this tag.
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert "params.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert parent.data.params["teachers.n_teachers"] == "4"  # the tiny preset, flattened
     for key in ("git.commit", "dvc.lock_sha256", "dataset.splits_sha256", "teachers.zoo_sha256"):
         assert len(version.tags[key]) >= 40, key
@@ -135,6 +183,8 @@ def test_deployment_runs_the_tiny_pipeline_and_registers_a_challenger(live: Live
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert sorted(r.info.run_name for r in children) == ["data", "metatest", "metatrain", "teachers"]
+    for child in children:  # each stage's full output, progress redraws included
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "logs")] == [f"logs/{child.info.run_name}.log"]
     metatrain = next(r for r in children if r.info.run_name == "metatrain")
     curve = client.get_metric_history(metatrain.info.run_id, "query_acc")
     assert [m.step for m in curve] == list(range(1, 21))  # tiny: 20 meta-iterations, one point each
@@ -305,6 +355,18 @@ def test_failed_flow_keeps_earlier_stages_and_a_rerun_resumes(live: Live, pipeli
         check=False,
     )  # fmt: skip
     assert failed.returncode != 0 and "Failed" in failed.stdout
+    # The watched output (what `make run` shows) names the stage and ends its tail with the exception.
+    watched = failed.stdout
+    assert [len(lines) for lines in _stage_lines(watched).values()] == [1, 1, 1, 1], watched
+    assert _stage_lines(watched)["metatest"][0].startswith("stage metatest FAILED after"), watched
+    stage_log = (live.project / ".dvc" / "tmp" / "free-stage-logs" / "metatest.log").read_text()
+    error = [line for line in stage_log.splitlines() if re.match(r"\w+Error: ", line)][-1]
+    assert _flat(error) in _flat(watched), watched
+    assert _flat(watched).index("stage metatest FAILED") < _flat(watched).index(_flat(error))
+    assert _flat(watched).index(_flat(error)) < _flat(watched).index("Flow run finished in state 'Failed'")
+    # The run's overrides never stay in the tracked params.yaml, also when it fails.
+    changed, untracked = _git_changes(live.project)
+    assert changed == [] and untracked <= RUN_RESULTS, (changed, untracked)
     after = _lock(live.project)
     assert {s: after[s] for s in ("data", "teachers", "metatrain")} == {
         s: before[s] for s in ("data", "teachers", "metatrain")
@@ -314,10 +376,37 @@ def test_failed_flow_keeps_earlier_stages_and_a_rerun_resumes(live: Live, pipeli
     experiment = client.get_experiment_by_name("free")
     newest = client.search_runs([experiment.experiment_id], "tags.`pipeline.overrides` LIKE '%q_query=100%'")
     assert newest and newest[0].info.status == "FAILED"
+    failed_stage = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.mlflow.parentRunId = '{newest[0].info.run_id}' and attributes.run_name = 'metatest'",
+    )
+    assert failed_stage and failed_stage[0].info.status == "FAILED"
+    assert [a.path for a in client.list_artifacts(failed_stage[0].info.run_id, "logs")] == ["logs/metatest.log"]
 
-    live.run(prefect, "deployment", "run", "free/full-pipeline", "--watch")
+    # Rerun with another override: resumes (only metatest, which reads it, runs), and leaves git clean.
+    rerun = live.run(
+        prefect, "deployment", "run", "free/full-pipeline", "-p", 'overrides=["evaluate.episodes=12"]', "--watch"
+    )
+    shown = {stage: lines[0] for stage, lines in _stage_lines(rerun.stdout).items()}
+    assert [shown[s] for s in ("data", "teachers", "metatrain")] == [
+        f"stage {s}: skipped (up to date)" for s in ("data", "teachers", "metatrain")
+    ], rerun.stdout
+    assert re.fullmatch(r"stage metatest: ran in \d+\.\d s", shown["metatest"]), rerun.stdout
+    changed, untracked = _git_changes(live.project)
+    assert changed == [] and untracked <= RUN_RESULTS, (changed, untracked)
     parent = client.get_model_version_by_alias(MODEL, "challenger").tags["mlflow.run_id"]
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     ran = {r.info.run_name: r.data.tags["stage.ran"] for r in children}
-    assert [ran["data"], ran["teachers"], ran["metatrain"]] == ["False", "False", "False"]  # resumed, not redone
-    assert json.loads((live.project / "artifacts" / "metrics" / "metatest.json").read_text())["episodes"] == 20
+    assert [ran["data"], ran["teachers"], ran["metatrain"], ran["metatest"]] == ["False", "False", "False", "True"]
+    assert json.loads((live.project / "artifacts" / "metrics" / "metatest.json").read_text())["episodes"] == 12
+    # The overrides are in MLflow (tag + the run's params.yaml); the workspace keeps the committed file,
+    # so DVC now sees metatest's outputs as made with other params: the next repro reruns (or restores) it.
+    run = client.get_run(parent)
+    assert run.data.tags["pipeline.overrides"] == "experiment=tiny evaluate.episodes=12"
+    logged = yaml.safe_load(
+        Path(client.download_artifacts(parent, "params.yaml", str(live.project / ".dvc" / "tmp"))).read_text()
+    )
+    assert logged["evaluate"]["episodes"] == 12
+    assert yaml.safe_load((live.project / "params.yaml").read_text())["evaluate"]["episodes"] != 12
+    status = live.run(str(BIN / "dvc"), "status").stdout
+    assert "metatest:" in status and not any(f"{s}:" in status for s in ("data", "teachers", "metatrain")), status

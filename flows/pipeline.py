@@ -40,7 +40,7 @@ from prefect.events import emit_event
 from rich.markup import escape
 
 from flows import tracking
-from free.config import Config, load_params, params_yaml
+from free.config import Config, ConfigError, load_params, params_yaml
 
 STAGES = ("data", "teachers", "metatrain", "metatest")
 TAIL_LINES = 15  # of a failed stage's output, shown in the watched output and the error
@@ -121,7 +121,7 @@ def _dvc(*args: str, project: Path) -> subprocess.Popen:
 def _announce(event: str, resource_id: str, text: str, labels: dict[str, str] | None = None) -> None:
     """An event of this flow run, which ``prefect deployment run --watch`` prints as one line
     ``<event> * <text>`` (the CLI renders the text as rich markup, hence the escape)."""
-    failed = (labels or {}).get("free.stage.outcome") == "failed"
+    failed = "failed" in (labels or {}).values()
     resource = {
         "prefect.resource.id": resource_id,
         "prefect.resource.name": escape(text),
@@ -138,7 +138,11 @@ def write_params(project: Path, overrides: list[str]) -> dict:
     The file it replaces is kept in ``PARAMS_BEFORE`` until :func:`restore_params` puts it back."""
     import yaml
 
-    text = params_yaml(overrides)  # raises ConfigError before anything is written
+    try:
+        text = params_yaml(overrides)  # before anything is written
+    except ConfigError as err:
+        _announce("free.params", "free.params", f"params FAILED: {err}", {"free.params.outcome": "failed"})
+        raise
     path, before = project / "params.yaml", project / PARAMS_BEFORE
     if not before.is_file() and path.is_file():
         before.parent.mkdir(parents=True, exist_ok=True)

@@ -335,8 +335,13 @@ def test_params_yaml_is_written_for_the_run_and_put_back(tmp_path: Path, monkeyp
     pipeline.write_params.fn(tmp_path, ["experiment=tiny", "seed=8"])  # keeps the first original, not seed=7
     assert pipeline.restore_params(tmp_path) is True
     assert (tmp_path / "params.yaml").read_bytes() == committed
-    with pytest.raises(ConfigError):  # a bad override writes nothing
+    announced = []
+    monkeypatch.setattr(pipeline, "_announce", lambda *args: announced.append(args))
+    with pytest.raises(ConfigError):  # a bad override writes nothing, and says why in the watched output
         pipeline.write_params.fn(tmp_path, ["evaluate.episodes=many"])
+    ((event, _, text, labels),) = announced
+    assert (event, labels) == ("free.params", {"free.params.outcome": "failed"})
+    assert text.startswith("params FAILED: ") and "episodes" in text
     assert (tmp_path / "params.yaml").read_bytes() == committed and not (tmp_path / pipeline.PARAMS_BEFORE).exists()
 
 

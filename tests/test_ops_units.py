@@ -133,18 +133,6 @@ def test_status_of_a_stopped_stack_exits_1_with_json(tmp_path: Path) -> None:
     assert not any(s["running"] for s in report["services"].values())
 
 
-def test_progress_file_follows_the_bar(tmp_path: Path, monkeypatch) -> None:
-    from free.progress import bar
-
-    target = tmp_path / "progress.json"
-    monkeypatch.setenv("FREE_PROGRESS_FILE", str(target))
-    seen = []
-    for i in bar(range(3), "work", 3):
-        seen.append(i)
-    assert seen == [0, 1, 2]
-    assert json.loads(target.read_text()) == {"description": "work", "completed": 3, "total": 3}
-
-
 def test_flatten() -> None:
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
 

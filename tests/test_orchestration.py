@@ -1,10 +1,11 @@
 """The three front doors with the real services on loopback: the local stack (SeaweedFS S3, MLflow,
 Prefect, deployment worker), ``prefect deployment run free/full-pipeline`` on the tiny preset,
 ``dvc repro`` / ``dvc exp run`` / push / pull through the S3 server, the MLflow registry, promotion
-and the served pyfunc model.
+and the served pyfunc model; last, every command block of the README, each in a fresh shell.
 
-One stack and one pipeline run per session (in a copy of the project, on free ports), shared by the
-tests below in file order; about 4 minutes on 2 cores.
+One stack and one pipeline run per session, started as a new user does (``make stack-up``, ``make
+run``) in a fresh copy of the project from git, on free ports with a private state folder, shared by
+the tests below in file order; about 8 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -52,33 +53,54 @@ class Live:
         return MlflowClient(self.settings.mlflow_tracking_uri)
 
 
+def _use_built_venv(project: Path) -> None:
+    """Give the copy the virtual environment ``make setup`` built (as ``.venv``), and make sure its
+    stamp is newer than the copy's install files, so ``make`` never reinstalls into it from the copy."""
+    venv = BIN.parent
+    stamp = venv / ".setup-complete"
+    newest = max((project / name).stat().st_mtime for name in ("pyproject.toml", "constraints.txt"))
+    if not stamp.is_file() or stamp.stat().st_mtime < newest:
+        pytest.fail(f"{venv} is not set up for this checkout: run `make setup` (or `make test`) first")
+    (project / ".venv").symlink_to(venv)
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
-    """Stack up on free ports, the tiny pipeline run once through the deployment; stack down after."""
+    """``make stack-up`` in a fresh copy, on free ports with a private state folder; stack down after."""
     root = tmp_path_factory.mktemp("live")
     project, cache = root / "project", root / "cache"
     project.mkdir()
     copy_project(REPO, project)
-    aux = free_port_block(9)
+    _use_built_venv(project)
     settings = stack.StackSettings(
         state_dir=root / "state",
         project_dir=project,
         prefect_port=free_port_block(1),
         mlflow_port=free_port_block(1),
         s3_port=free_port_block(1),
-        aux_port=aux,
+        aux_port=free_port_block(9),
     )
-    machine = {"FREE_DATA_DIR": str(real_omniglot_root.parent), "FREE_CACHE_DIR": str(cache)}
+    # What the test machine decides (ports, state, cache, which checkout); the data are the copy's own.
+    machine = {
+        "FREE_STATE_DIR": str(settings.state_dir),
+        "FREE_CACHE_DIR": str(cache),
+        "FREE_CONFIG_DIR": str(project / "params"),
+        "FREE_PREFECT_PORT": str(settings.prefect_port),
+        "FREE_MLFLOW_PORT": str(settings.mlflow_port),
+        "FREE_S3_PORT": str(settings.s3_port),
+        "FREE_S3_AUX_PORT": str(settings.aux_port),
+    }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in machine.items():
             mp.setenv(key, value)
-        mp.delenv("FREE_STATE_DIR", raising=False)
+        for key in ("FREE_DATA_DIR", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "FREE_S3_ENDPOINT_URL"):
+            mp.delenv(key, raising=False)
         try:
-            stack.up(settings, say=lambda line: None)
+            shell = Live(project, settings, dict(os.environ))
+            shell.run("make", "stack-up", timeout=900)
             env = {
                 **os.environ,
                 **stack.client_env(settings),
-                "FREE_CONFIG_DIR": str(project / "params"),
                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             }
             yield Live(project, settings, env)
@@ -88,9 +110,10 @@ def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
 
 @pytest.fixture(scope="module")
 def pipeline_run(live: Live) -> subprocess.CompletedProcess:
+    """``make run``: the stack is up already (left alone), then the deployment runs the tiny pipeline."""
     started = time.time()
-    proc = live.run(str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch", timeout=900)
-    print(f"deployment run: {time.time() - started:.0f} s")
+    proc = live.run("make", "run", timeout=900)
+    print(f"make run: {time.time() - started:.0f} s")
     return proc
 
 
@@ -234,7 +257,7 @@ def _episode(project: Path, env: dict[str, str], n_way: int = 5, queries: int = 
     from free.config import load_params
     from free.data import load_splits
 
-    os.environ.update({k: env[k] for k in ("FREE_DATA_DIR", "FREE_CACHE_DIR")})
+    os.environ["FREE_CACHE_DIR"] = env["FREE_CACHE_DIR"]
     cfg = load_params(project / "params.yaml")
     split = load_splits(cfg.dataset, cfg.paths.cache_dir)["test"]
     images = split.images.float() / 255.0  # uint8 -> the [0, 1] intensities the model takes
@@ -410,3 +433,67 @@ def test_failed_flow_keeps_earlier_stages_and_a_rerun_resumes(live: Live, pipeli
     assert yaml.safe_load((live.project / "params.yaml").read_text())["evaluate"]["episodes"] != 12
     status = live.run(str(BIN / "dvc"), "status").stdout
     assert "metatest:" in status and not any(f"{s}:" in status for s in ("data", "teachers", "metatrain")), status
+
+
+def _fresh_shell_env() -> dict[str, str]:
+    """A new terminal: no virtual environment on PATH, no client settings; only what the test machine
+    decides (ports, state folder, cache, which checkout), as the fixture set it."""
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
+    kept = ("HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "FREE_STATE_DIR", "FREE_CACHE_DIR", "FREE_CONFIG_DIR",
+            "FREE_PREFECT_PORT", "FREE_MLFLOW_PORT", "FREE_S3_PORT", "FREE_S3_AUX_PORT")  # fmt: skip
+    return {**{k: os.environ[k] for k in kept if k in os.environ}, "PATH": os.pathsep.join(path), "COLUMNS": "120"}
+
+
+def _bash(live: Live, script: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", script],
+        cwd=live.project, env=_fresh_shell_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_every_readme_block_runs_as_written_in_a_fresh_shell(live: Live, pipeline_run) -> None:
+    """After `make run` (the fixtures), each README bash block, in order, in a new shell that starts
+    with the README's new-shell lines. Not run: blocks marked as hours long or needing a GPU, and the
+    long-running model server, which the test starts itself (on a free port instead of 5001)."""
+    from tests.test_docs import readme_blocks
+
+    blocks = readme_blocks()
+    prelude = next(b.code for b in blocks if b.new_shell)
+    assert str(BIN) not in _bash(live, "command -v free || true").stdout  # a new shell: not ours until activated
+    assert "Next: .venv/bin/free promote" in pipeline_run.stdout and "S3 files" in pipeline_run.stdout
+    port = free_port_block(1)
+    server = subprocess.Popen(
+        ["bash", "-c", f"{prelude}\nexec free serve model -p {port}"],
+        cwd=live.project, env=_fresh_shell_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        for block in blocks:
+            if block.skip_reason or block.new_shell:
+                continue
+            code = block.code.replace("localhost:5001", f"localhost:{port}")
+            if "localhost:" in code:
+                _wait_for(f"http://127.0.0.1:{port}/ping", server)
+            done = _bash(live, f"{prelude}\n{code}")
+            said = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            assert done.returncode == 0, f"README line {block.line} exited {done.returncode}:\n{code}\n{said}"
+            if "free serve request" in code:
+                assert '"predictions": ["' in done.stdout and "INVALID_PARAMETER_VALUE" in done.stdout, done.stdout
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+    changed, _ = _git_changes(live.project)
+    assert changed == [], changed  # following the README leaves the tracked files as they were
+
+
+def _wait_for(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"free serve model exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout} s")

@@ -406,7 +406,7 @@ def test_serve_model_runs_mlflow_models_serve_on_the_tracking_server(
 ) -> None:
     from typer.testing import CliRunner
 
-    import free.cli_serve
+    import free.cli.serve
     from free.cli import app
     from free.stack import free_port_block
 
@@ -421,7 +421,7 @@ def test_serve_model_runs_mlflow_models_serve_on_the_tracking_server(
         def wait(self) -> int:
             return 0
 
-    monkeypatch.setattr(free.cli_serve.subprocess, "Popen", FakeServer)
+    monkeypatch.setattr(free.cli.serve.subprocess, "Popen", FakeServer)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     result = CliRunner().invoke(app, ["serve", "model", "-p", "5123"])
     assert result.exit_code == 0, result.output

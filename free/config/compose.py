@@ -97,9 +97,14 @@ def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 DEFAULT_EXPERIMENT = "tiny"
 
 
+def override_key(override: str) -> str:
+    """The key a Hydra override sets: ``+a.b=1`` -> ``a.b``, ``~experiment`` -> ``experiment``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def with_default_experiment(overrides: Sequence[str]) -> list[str]:
     """``overrides`` with ``experiment=tiny`` in front unless they choose an experiment themselves."""
-    chosen = any(o.lstrip("+~").split("=", 1)[0] == "experiment" for o in overrides)
+    chosen = any(override_key(o) == "experiment" for o in overrides)
     return list(overrides) if chosen else [f"experiment={DEFAULT_EXPERIMENT}", *overrides]
 
 

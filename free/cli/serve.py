@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+
+from free.cli.common import err, out
 
 if TYPE_CHECKING:
     import torch
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 serve_app = typer.Typer(
     help="The registered meta-learner over HTTP: serve it, write a request for it.", no_args_is_help=True
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True)
 
 DEFAULT_MODEL = "models:/free-meta-learner@champion"
 

@@ -1,0 +1,148 @@
+"""``free bench …``: the benchmarks behind docs/RESULTS.md; each writes JSON + PNG and prints its tables."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from free.cli.common import Overrides, compose_config, friendly_errors, out, stack_errors
+from free.config.compose import override_key
+from free.progress import bar
+
+bench_app = typer.Typer(
+    help="Benchmarks: recovery speed-up, accuracy table, evaluation throughput, pipeline overhead. "
+    "Each writes JSON + PNG under benchmarks/results/.",
+    no_args_is_help=True,
+)
+
+
+BenchOut = Annotated[
+    Path | None, typer.Option("--out", help="Result JSON (default benchmarks/results/<benchmark>.json); PNG beside it.")
+]
+BENCH_WORK = Path("benchmarks") / "work"
+
+
+def _bench_overrides(overrides: list[str] | None, work: str) -> list[str]:
+    """The user's overrides, with the bench's own artifacts dir unless the user chose one."""
+    given = list(overrides or [])
+    if not any(override_key(o) == "paths.artifacts_dir" for o in given):
+        given.append(f"paths.artifacts_dir={BENCH_WORK / work}")
+    return given
+
+
+def _bench_command() -> str:
+    return " ".join(["free", *sys.argv[1:]])
+
+
+def _bench_done(name: str, result: dict, out_file: Path | None, plot) -> None:
+    """Write the result file and its plot, and print the same tables docs/RESULTS.md shows."""
+    from free.bench.common import write_result
+    from free.bench.report import RENDERERS
+
+    path = write_result(name, result, out_file, _bench_command())
+    png = plot(result, path)
+    out.print(RENDERERS[name](result), highlight=False, markup=False)
+    out.print(f"wrote {path} and {png}", highlight=False)
+
+
+@bench_app.command("recovery")
+@friendly_errors
+def bench_recovery(
+    overrides: Overrides = None,
+    seeds: Annotated[int, typer.Option(help="Recoveries per held-out teacher and method.")] = 3,
+    heldout: Annotated[int, typer.Option(help="The zoo's last teachers, unseen in meta-training.")] = 2,
+    max_steps: Annotated[int, typer.Option(help="Cap on any method's steps when a target is not reached.")] = 1000,
+    downstream: Annotated[
+        bool, typer.Option(help="Target (c): meta-train every method for FREE's wall time and meta-test.")
+    ] = True,
+    out_file: BenchOut = None,
+) -> None:
+    """Meta-generator vs from-scratch generator vs pixels on unseen teachers: speed-up at equal quality."""
+    from free.bench import recovery
+
+    settings = recovery.RecoveryBench(seeds, heldout, max_steps, downstream)
+    given = _bench_overrides(overrides, "recovery")
+
+    def configs(method: str):
+        return compose_config([*given, f"method={method}"])
+
+    result = recovery.run(configs, settings, progress=bar, say=out.print)
+    _bench_done("recovery", result, out_file, recovery.plot)
+
+
+@bench_app.command("accuracy")
+@friendly_errors
+def bench_accuracy(
+    overrides: Overrides = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per row (teacher zoo, initialisations, pseudo tasks).")] = 1,
+    mixed_archs: Annotated[
+        str, typer.Option(help="Comma-separated teacher archs of the heterogeneous-zoo table ('' skips it).")
+    ] = "conv4,resnet10",
+    out_file: BenchOut = None,
+) -> None:
+    """The method table (FREE, w/o alignment, from scratch, random init, oracle), 1-/5-shot +- 95% CI."""
+    from free.bench import accuracy
+
+    given = _bench_overrides(overrides, "accuracy")
+    archs = [a.strip() for a in mixed_archs.split(",") if a.strip()]
+
+    def configs(extra: list[str]):
+        replaced = {override_key(o) for o in extra}  # the bench's own settings win over the user's
+        return compose_config([*(o for o in given if override_key(o) not in replaced), *extra])
+
+    result = accuracy.run(configs, seeds, archs, progress=bar, say=out.print)
+    _bench_done("accuracy", result, out_file, accuracy.plot)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{option} takes positive integers, got {text!r}")
+    return values
+
+
+@bench_app.command("eval")
+@friendly_errors
+def bench_eval(
+    overrides: Overrides = None,
+    episodes: Annotated[int, typer.Option(help="Episodes per measurement.")] = 50,
+    batches: Annotated[str, typer.Option(help="Comma-separated vmap chunk sizes (episode_batch).")] = "10,50",
+    threads: Annotated[str, typer.Option(help="Comma-separated torch thread counts.")] = "1,2",
+    out_file: BenchOut = None,
+) -> None:
+    """Meta-test episodes per second, vectorised (vmap) vs loop, and peak memory."""
+    from free.bench import evaluation
+
+    cfg = compose_config(overrides)
+    result = evaluation.run(
+        cfg, episodes, _int_list(batches, "--batches"), _int_list(threads, "--threads"), say=out.print
+    )
+    _bench_done("eval", result, out_file, evaluation.plot)
+
+
+@bench_app.command("pipeline")
+@friendly_errors
+@stack_errors
+def bench_pipeline(
+    out_file: BenchOut = None,
+    work: Annotated[Path, typer.Option(help="Scratch folder for the project copies (emptied first).")] = BENCH_WORK
+    / "pipeline",
+) -> None:
+    """The tiny pipeline (params.yaml) through `prefect deployment run` vs `dvc repro` vs bare `free pipeline`,
+    and each rerun with nothing changed."""
+    from free.bench import pipeline
+
+    source = Path.cwd()
+    if not (source / "dvc.yaml").is_file() or not (source / "params.yaml").is_file():
+        raise FileNotFoundError(
+            f"run `free bench pipeline` from the project root (no dvc.yaml/params.yaml in {source})"
+        )
+    cache = Path(compose_config([]).paths.cache_dir)
+    result = pipeline.run(source, work.resolve(), cache, say=out.print)
+    _bench_done("pipeline", result, out_file, pipeline.plot)

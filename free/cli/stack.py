@@ -1,0 +1,143 @@
+"""``free stack …`` (the local Prefect, MLflow and S3 servers) and ``free promote`` (the registry's
+champion alias): the face of :mod:`free.stack` and :mod:`flows.promotion`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from free.cli.common import err, out, stack_errors
+
+stack_app = typer.Typer(
+    help="The local stack: Prefect server, MLflow server, S3 server (SeaweedFS), deployment worker.",
+    no_args_is_help=True,
+)
+
+
+StateDir = Annotated[
+    Path | None, typer.Option("--state-dir", help="The stack's state directory (env FREE_STATE_DIR; default state/).")
+]
+
+
+def _stack_settings(state_dir: Path | None, **given: int | None):
+    from free.stack import StackSettings
+
+    return StackSettings.load(state_dir, **given)
+
+
+@stack_app.command("up")
+@stack_errors
+def stack_up(
+    state_dir: StateDir = None,
+    prefect_port: Annotated[int | None, typer.Option(help="env FREE_PREFECT_PORT; default 4200")] = None,
+    mlflow_port: Annotated[int | None, typer.Option(help="env FREE_MLFLOW_PORT; default 5000")] = None,
+    s3_port: Annotated[int | None, typer.Option(help="env FREE_S3_PORT; default 8333")] = None,
+    aux_port: Annotated[
+        int | None, typer.Option(help="first of 9 more SeaweedFS ports; env FREE_S3_AUX_PORT; default 18334")
+    ] = None,
+    worker: Annotated[bool, typer.Option(help="Also serve the Prefect deployments (free/full-pipeline).")] = True,
+) -> None:
+    """Start (or keep) the Prefect server, MLflow server, S3 server and the deployment worker, on loopback."""
+    from free import stack
+
+    settings = _stack_settings(
+        state_dir, prefect_port=prefect_port, mlflow_port=mlflow_port, s3_port=s3_port, aux_port=aux_port, worker=worker
+    )
+    report = stack.up(settings, say=lambda line: out.print(line, highlight=False))
+    out.print(f"Prefect UI  {report['prefect_ui_url']}")
+    out.print(f"MLflow UI   {report['mlflow_tracking_uri']}")
+    out.print(f"S3 files    {report['s3_browse_url']}  (DVC remote {report['dvc_remote']})")
+    endpoint = report["s3_endpoint_url"].removeprefix("http://")  # not a link: the S3 API answers a browser 403
+    out.print(f"S3 API      {endpoint}  (endpoint for S3 clients, not a web page)")
+    out.print(f'Clients:    eval "$(free stack env)"   (credentials in {settings.state_dir}/credentials.env)')
+
+
+@stack_app.command("links")
+@stack_errors
+def stack_links(state_dir: StateDir = None) -> None:
+    """Where to look in a browser: the Prefect runs, the MLflow experiment and the S3 bucket's files."""
+    from free import stack
+
+    r = stack.status(_stack_settings(state_dir))
+    if not r["services"]["prefect"]["healthy"]:
+        raise stack.StackError(f"the local stack in {r['state_dir']} is not running: start it with `make stack-up`")
+    for line in (
+        "Where to look (the stack keeps running; stop it with: make stack-down):",
+        f"  Prefect UI  {r['prefect_ui_url']}/runs  (flow runs, stage logs, report artifact)",
+        f"  MLflow UI   {r['mlflow_tracking_uri']}  (experiment 'free', model free-meta-learner)",
+        f"  S3 files    {r['s3_browse_url']}  (dvc/: the DVC remote, mlflow/: artifacts)",
+    ):
+        out.print(line, highlight=False)
+
+
+@stack_app.command("down")
+@stack_errors
+def stack_down(state_dir: StateDir = None) -> None:
+    """Stop the stack's processes (by the PIDs recorded in the state directory). Data stays."""
+    from free import stack
+
+    stack.down(_stack_settings(state_dir), say=lambda line: out.print(line, highlight=False))
+
+
+@stack_app.command("status")
+@stack_errors
+def stack_status(
+    state_dir: StateDir = None, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False
+) -> None:
+    """What runs where; exit 1 if a service is down."""
+    from free import stack
+
+    report = stack.status(_stack_settings(state_dir))
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        table = Table("service", "state", "pid", "url", "log")
+        for name, s in report["services"].items():
+            state = "[green]healthy" if s["healthy"] else ("[yellow]starting" if s["running"] else "[red]down")
+            table.add_row(name, state, str(s["pid"] or "-"), s["url"], s["log"])
+        out.print(table)
+    if not all(s["healthy"] for s in report["services"].values()):
+        raise typer.Exit(1)
+
+
+@stack_app.command("env")
+@stack_errors
+def stack_env(state_dir: StateDir = None) -> None:
+    """Print `export` lines that point DVC, MLflow and Prefect clients at the stack: eval "$(free stack env)"."""
+    import shlex
+
+    from free import stack
+
+    for key, value in stack.client_env(_stack_settings(state_dir)).items():
+        sys.stdout.write(f"export {key}={shlex.quote(value)}\n")
+
+
+@stack_errors
+def promote(
+    model: Annotated[str, typer.Option(help="Registered model name.")] = "free-meta-learner",
+    force: Annotated[bool, typer.Option("--force", help="Promote even if worse; recorded in the tags.")] = False,
+) -> None:
+    """Move alias champion to the challenger unless it is worse beyond the CI.
+
+    Talks to $MLFLOW_TRACKING_URI, else to the running local stack (`free stack up`)."""
+    from mlflow import MlflowClient
+
+    from flows.promotion import PromotionError
+    from flows.promotion import promote as apply
+    from free.stack import use_running_stack
+
+    tracking_uri = use_running_stack("free promote")
+    try:
+        result = apply(MlflowClient(tracking_uri), model, force)
+    except PromotionError as e:
+        err.print(f"[bold red]promotion error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    verdict = "promoted to champion" if result["promoted"] else "not promoted"
+    out.print(f"{model} v{result['version']}: {verdict} ({result['reason']})", highlight=False)
+    if not result["promoted"] and result.get("promotion.decision") == "rejected":
+        raise typer.Exit(3)

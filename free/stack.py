@@ -392,8 +392,6 @@ def _urls(settings: StackSettings) -> dict:
         "prefect_ui_url": f"http://{HOST}:{settings.prefect_port}",
         "mlflow_tracking_uri": settings.mlflow_tracking_uri,
         "s3_endpoint_url": settings.s3_endpoint_url,
-        # The S3 API answers 403 to a browser; the filer's web UI lists the same bucket's files.
-        "s3_browse_url": f"http://{HOST}:{settings.aux_port + 5}/buckets/{settings.bucket}/",
         "s3_bucket": settings.bucket,
         "dvc_remote": f"s3://{settings.bucket}/dvc",
         "mlflow_artifacts": f"s3://{settings.bucket}/mlflow",

@@ -460,7 +460,9 @@ def test_every_readme_block_runs_as_written_in_a_fresh_shell(live: Live, pipelin
     blocks = readme_blocks()
     prelude = next(b.code for b in blocks if b.new_shell)
     assert str(BIN) not in _bash(live, "command -v free || true").stdout  # a new shell: not ours until activated
-    assert "Next: .venv/bin/free promote" in pipeline_run.stdout and "S3 files" in pipeline_run.stdout
+    assert "Next: .venv/bin/free promote" in pipeline_run.stdout and "MLflow UI" in pipeline_run.stdout
+    s3_lines = [line for line in pipeline_run.stdout.splitlines() if line.strip().startswith("S3 ")]
+    assert s3_lines and not any("http" in line for line in s3_lines), s3_lines  # no printed link that answers 403
     port = free_port_block(1)
     server = subprocess.Popen(
         ["bash", "-c", f"{prelude}\nexec free serve model -p {port}"],

@@ -30,6 +30,13 @@ def _stack_settings(state_dir: Path | None, **given: int | None):
     return StackSettings.load(state_dir, **given)
 
 
+def _s3_line(report: dict) -> str:
+    # Not a link: the S3 API answers a browser 403. (SeaweedFS's filer UI would list the files, but
+    # without credentials; it is not advertised.) MLflow's UI shows the artifacts.
+    endpoint = report["s3_endpoint_url"].removeprefix("http://")
+    return f"s3://{report['s3_bucket']} at {endpoint} (an API for DVC and MLflow, not a web page): dvc/, mlflow/"
+
+
 @stack_app.command("up")
 @stack_errors
 def stack_up(
@@ -51,9 +58,7 @@ def stack_up(
     report = stack.up(settings, say=lambda line: out.print(line, highlight=False))
     out.print(f"Prefect UI  {report['prefect_ui_url']}")
     out.print(f"MLflow UI   {report['mlflow_tracking_uri']}")
-    out.print(f"S3 files    {report['s3_browse_url']}  (DVC remote {report['dvc_remote']})")
-    endpoint = report["s3_endpoint_url"].removeprefix("http://")  # not a link: the S3 API answers a browser 403
-    out.print(f"S3 API      {endpoint}  (endpoint for S3 clients, not a web page)")
+    out.print(f"S3          {_s3_line(report)}")
     out.print(f'Clients:    eval "$(free stack env)"   (credentials in {settings.state_dir}/credentials.env)')
 
 
@@ -70,7 +75,7 @@ def stack_links(state_dir: StateDir = None) -> None:
         "Where to look (the stack keeps running; stop it with: make stack-down):",
         f"  Prefect UI  {r['prefect_ui_url']}/runs  (flow runs, stage logs, report artifact)",
         f"  MLflow UI   {r['mlflow_tracking_uri']}  (experiment 'free', model free-meta-learner)",
-        f"  S3 files    {r['s3_browse_url']}  (dvc/: the DVC remote, mlflow/: artifacts)",
+        f"  S3          {_s3_line(r)}",
     ):
         out.print(line, highlight=False)
 

@@ -108,7 +108,7 @@ def credentials(settings: StackSettings) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
     path = settings.state_dir / "credentials.env"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         text = f"AWS_ACCESS_KEY_ID=free-{secrets.token_hex(6)}\nAWS_SECRET_ACCESS_KEY={secrets.token_hex(20)}\n"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -287,6 +287,8 @@ def up(settings: StackSettings, say: Callable[[str], None] = print) -> dict:
     """
     for sub in ("logs", "s3", "mlflow", "prefect"):
         (settings.state_dir / sub).mkdir(parents=True, exist_ok=True)
+    # Owner only: the folder holds the credentials, logs that name the access key, and the databases.
+    settings.state_dir.chmod(0o700)
     state = _read_state(settings)
     state.update(_urls(settings))
     state["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}

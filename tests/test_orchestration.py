@@ -164,6 +164,8 @@ def test_stack_reports_where_things_run(live: Live) -> None:
     assert all(s["healthy"] for s in report["services"].values()), report["services"]
     credentials = live.settings.state_dir / "credentials.env"
     assert credentials.stat().st_mode & 0o077 == 0  # readable by the owner only
+    assert live.settings.state_dir.stat().st_mode & 0o077 == 0  # and the logs and databases beside it
+    assert (live.project / ".dvc" / "config.local").stat().st_mode & 0o077 == 0  # the DVC remote's keys
 
 
 def test_stack_up_twice_keeps_the_running_services(live: Live) -> None:

@@ -18,6 +18,8 @@ The inversion loss on a batch ``x`` with intended labels ``y``::
 
 The adversarial term uses the Jensen-Shannon divergence (bounded by log 2, so maximising it cannot
 diverge) between softmax distributions computed from logits; it is only on when a student is given.
+Both distributions are over the *teacher's* classes, whatever the meta-learner's way: the student is
+asked about the teacher's ``N`` classes (:func:`meta_learner_student`).
 Everything here is pure torch; callers pass a ``torch.Generator`` for every random draw.
 """
 
@@ -33,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from free.maml import Params, head_for_classes, logits
 from free.models import Generator
 
-Student = Callable[[torch.Tensor], torch.Tensor]  # images in [0, 1] -> (B, n_way) logits
+# The adversarial term's student: (images (B, C, H, W) in [0, 1], their intended labels (B,) in
+# 0..N-1, the teacher's class count N) -> (B, N) logits over the teacher's classes.
+Student = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 # Called at every step of a recovery with (step, the batch at that step, detached, seconds spent on
 # the recovery so far, this call excluded); returns True to stop after this step. Benchmarks use it
 # to measure quality without the measurement counting as recovery time.
@@ -127,7 +132,15 @@ def jensen_shannon(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tens
 
     Computed from log-probabilities (``kl_div`` expects log-probabilities as its first argument; the
     official code's feeding of probabilities is a known mistake we do not copy).
+
+    Raises:
+        ValueError: the two have different widths: they are not distributions over the same classes.
     """
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(
+            f"JS divergence needs logits over one label space, got {tuple(logits_p.shape)} and "
+            f"{tuple(logits_q.shape)}; map the student to the teacher's classes first (meta_learner_student)"
+        )
     log_p, log_q = F.log_softmax(logits_p, dim=1), F.log_softmax(logits_q, dim=1)
     log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
     kl_pm = F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
@@ -170,11 +183,52 @@ def inversion_loss(
     zero = x.new_zeros(())  # on x's device, so the curve's parts stack without a copy
     bn = stats.loss() if (w.bn > 0 and stats.layers) else zero
     tv = total_variation(x) if w.tv > 0 else zero
-    adv = jensen_shannon(teacher_logits, student(seen)) if (student is not None and w.adv > 0) else zero
+    adv = zero
+    if student is not None and w.adv > 0:
+        adv = jensen_shannon(teacher_logits, student(seen, y, teacher_logits.shape[1]))  # both (B, N_teacher)
     loss = w.ce * ce + w.bn * bn + w.tv * tv - w.adv * adv
     acc = (teacher_logits.argmax(dim=1) == y).float().mean()
     parts = dict(zip(CURVE_KEYS, (loss, ce, bn, tv, adv, acc), strict=True))
     return loss, {key: value.detach() for key, value in parts.items()}
+
+
+def meta_learner_student(model: nn.Module, params: Params, buffers: Params) -> Student:
+    """The meta-learner as the adversarial term's student, asked about the teacher's own classes.
+
+    The term rewards samples on which the meta-learner disagrees with the teacher *about the
+    teacher's classes*, so the student must score the teacher's ``N`` classes, whatever the learner's
+    way. It is the meta-learner exactly as it starts an ``N``-way task, before any inner step:
+    :func:`free.maml.head_for_classes` (the one place the project chooses that head, shared with
+    meta-testing and serving) with the batch being recovered, under its intended labels, as the
+    support set. So:
+
+    * linear head and ``N`` equal to its width: the meta-learned head as it is - the official code's
+      construction (FREE/PURER synthesizers compare ``student(x)`` with ``teacher(x)`` element-wise,
+      which assumes the teacher and the meta-learner have the same number of classes), and runs with
+      equal widths are unchanged;
+    * any other ``N`` (a 10- or 3-class teacher, a zoo imported with mixed widths) or a proto head:
+      nearest class prototype in the learner's feature space (``W_k = 2 c_k``, ``b_k = -||c_k||^2``),
+      the head an ``N``-way adaptation starts from. A sample is then "hard" when the meta-learner
+      puts it nearer another class's prototype than the teacher's answer.
+
+    The support is the batch itself because it is the only labelled set of this teacher's classes
+    at hand (a teacher met for the first time has nothing in the bank yet); it is detached, so the
+    generator is scored on where each sample falls relative to fixed prototypes and cannot gain by
+    moving the prototypes. No inner steps, as in the official code (and one more forward pass per
+    step, not an adaptation).
+
+    Args:
+        model: the meta-learner's architecture; params, buffers: its current initialisation (detached).
+
+    Returns:
+        A :data:`Student`: ``(images (B, C, H, W), labels (B,), N) -> (B, N)`` logits.
+    """
+
+    def student(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+        start = head_for_classes(model, params, buffers, x.detach(), y, n_classes)
+        return logits(model, start, buffers, x)  # (B, N), differentiable in x
+
+    return student
 
 
 def intended_labels(n_way: int, per_class: int, device: torch.device | None = None) -> torch.Tensor:

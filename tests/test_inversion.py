@@ -15,12 +15,14 @@ from free.inversion import (
     LossWeights,
     MetaGenerator,
     intended_labels,
+    inversion_loss,
     jensen_shannon,
     random_shift,
     recover_from_scratch,
     recover_pixels,
     total_variation,
 )
+from free.maml import logits, split_state
 from free.models import Generator, build_classifier
 
 
@@ -35,6 +37,63 @@ def test_js_divergence_is_symmetric_bounded_and_zero_on_equal_inputs() -> None:
     torch.testing.assert_close(jensen_shannon(p, q), jensen_shannon(q, p))
     far = jensen_shannon(torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]]))
     assert far.item() == pytest.approx(math.log(2), abs=1e-4)  # the upper bound: maximising it cannot diverge
+
+
+def stage_student(learner: nn.Module):
+    """The adversarial term's student exactly as the metatrain stage builds it from its meta-learner."""
+    from types import SimpleNamespace
+
+    from free.stages.metatrain import MetaTrainLoop
+
+    params, buffers = split_state(learner)
+    return MetaTrainLoop._student(SimpleNamespace(learner=learner, params=params, buffers=buffers))
+
+
+def test_adversarial_term_with_a_10_class_teacher_and_a_5_way_learner() -> None:
+    """Issue 12: a 10-class teacher and a 5-way meta-learner crashed the adversarial term (``stack``
+    of ``(B, 10)`` and ``(B, 5)``). The learner is now asked about the teacher's 10 classes: its head
+    is set from the batch's class prototypes (:func:`free.maml.head_for_classes`), checked here
+    against a hand-written nearest-prototype classifier."""
+    torch.manual_seed(0)
+    teacher = build_classifier("conv4", 1, 10, 16, 8, [0.5], [0.25], track_running_stats=True).eval()
+    learner = build_classifier("conv4", 1, 5, 16, 8, [0.5], [0.25], track_running_stats=False)
+    x = torch.rand(20, 1, 16, 16, requires_grad=True)
+    y = intended_labels(10, 2)
+    settings = InversionSettings(weights=LossWeights(ce=1.0, bn=0.0, adv=1.0), augment=False)
+    loss, parts = inversion_loss(
+        teacher, FeatureStatistics(teacher), x, y, settings, torch.Generator(), stage_student(learner)
+    )
+
+    with torch.no_grad():
+        f = learner.features(x)  # (20, D)
+        prototypes = torch.stack([f[y == k].mean(dim=0) for k in range(10)])  # (10, D)
+        naive = -(torch.cdist(f, prototypes) ** 2) + (f**2).sum(dim=1, keepdim=True)  # (20, 10)
+        expected = jensen_shannon(teacher(x), naive)
+    assert parts["adv"].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    assert 0 < parts["adv"].item() <= math.log(2)
+    loss.backward()  # the term is differentiable in the images (the generator's signal)
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_adversarial_term_at_equal_widths_is_the_authors_raw_head() -> None:
+    """A 5-class teacher and a 5-way linear-head learner: the student is the meta-learned head as it
+    is (the official code's construction), so runs with equal widths are unchanged."""
+    torch.manual_seed(0)
+    teacher = build_classifier("conv4", 1, 5, 16, 8, [0.5], [0.25], track_running_stats=True).eval()
+    learner = build_classifier("conv4", 1, 5, 16, 8, [0.5], [0.25], track_running_stats=False)
+    x, y = torch.rand(10, 1, 16, 16), intended_labels(5, 2)
+    settings = InversionSettings(weights=LossWeights(ce=1.0, bn=0.0, adv=1.0), augment=False)
+    _, parts = inversion_loss(
+        teacher, FeatureStatistics(teacher), x, y, settings, torch.Generator(), stage_student(learner)
+    )
+    with torch.no_grad():
+        expected = jensen_shannon(teacher(x), logits(learner, *split_state(learner), x))
+    assert parts["adv"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_js_divergence_refuses_different_widths_by_name() -> None:
+    with pytest.raises(ValueError, match="label space"):
+        jensen_shannon(torch.randn(4, 10), torch.randn(4, 5))
 
 
 def test_total_variation_and_shift() -> None:

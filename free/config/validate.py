@@ -129,13 +129,28 @@ def validate(cfg: Config) -> Config:
     one_of("metalearn.data", ml.data, METALEARN_DATA, "data source")
     at_least("metalearn.val_every", ml.val_every, 1)
     at_least("metalearn.val_episodes", ml.val_episodes, 1)
-    if not tc.mix_teachers:
-        need(
-            ml.n_way <= t.n_way,
-            "metalearn.n_way",
-            f"{ml.n_way} is larger than the {t.n_way} classes a teacher knows (teachers.n_way); "
-            "lower it or let pseudo tasks mix teachers (taskcache.mix_teachers=true)",
-        )
+    # Teacher widths against the learner's way. Any width works for the adversarial term and for
+    # distillation (both map to the right label space); what cannot work is a pseudo task that has
+    # fewer classes to draw from than metalearn.n_way. An imported zoo's widths are its own
+    # (teachers.n_way does not describe it): `validate_zoo` checks them when metatrain loads it.
+    if not t.import_dir:
+        if not tc.mix_teachers:
+            need(
+                ml.n_way <= t.n_way,
+                "metalearn.n_way",
+                f"{ml.n_way} is larger than the {t.n_way} classes a teacher knows (teachers.n_way); "
+                "lower it or let pseudo tasks mix teachers (taskcache.mix_teachers=true)",
+            )
+        elif ml.data == "pseudo":
+            # Fresh pseudo tasks draw from the teachers just inverted, and at the first iteration the
+            # bank holds nothing else.
+            need(
+                ml.n_way <= inv.teachers_per_step * t.n_way,
+                "metalearn.n_way",
+                f"{ml.n_way} classes per pseudo task, but the teachers inverted per step know at most "
+                f"inversion.teachers_per_step x teachers.n_way = {inv.teachers_per_step} x {t.n_way} = "
+                f"{inv.teachers_per_step * t.n_way}; lower metalearn.n_way or raise one of those",
+            )
     # A fresh teacher's class holds one slot after its first recovery, and pseudo tasks are drawn
     # from fresh teachers at once: one slot must already hold a support + query set.
     need(
@@ -173,3 +188,36 @@ def validate(cfg: Config) -> Config:
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def validate_zoo(cfg: Config, widths: list[int]) -> None:
+    """Check the loaded zoo's class counts against the pseudo tasks (for imported zoos, whose widths
+    the config does not state; a trained zoo passes whenever :func:`validate` did).
+
+    Args:
+        widths: each teacher's number of classes, in zoo order.
+
+    Raises:
+        ConfigError: naming the keys, when some draw of teachers cannot make a pseudo task.
+    """
+    ml, tc, inv = cfg.metalearn, cfg.taskcache, cfg.inversion
+    if ml.data != "pseudo" or not widths:
+        return
+    if not tc.mix_teachers:
+        narrow = [i for i, w in enumerate(widths) if w < ml.n_way]
+        if narrow:
+            raise ConfigError(
+                f"invalid configuration:\n  metalearn.n_way: {ml.n_way}, but with taskcache.mix_teachers=false "
+                f"each pseudo task uses one teacher, and teachers {narrow} of the zoo know only "
+                f"{sorted({widths[i] for i in narrow})} classes; lower metalearn.n_way or set "
+                "taskcache.mix_teachers=true"
+            )
+        return
+    per_step = min(inv.teachers_per_step, len(widths))
+    fewest = sum(sorted(widths)[:per_step])  # the unluckiest draw of teachers in one step
+    if fewest < ml.n_way:
+        raise ConfigError(
+            f"invalid configuration:\n  metalearn.n_way: {ml.n_way} classes per pseudo task, but the "
+            f"{per_step} narrowest teachers of the zoo (inversion.teachers_per_step={inv.teachers_per_step}) "
+            f"know only {fewest} classes together; lower metalearn.n_way or raise inversion.teachers_per_step"
+        )

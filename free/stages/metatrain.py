@@ -43,6 +43,7 @@ from free.artifacts import (
 )
 from free.checkpoints import classifier_meta, load_classifier, save_classifier
 from free.config.schema import Config, dataset_settings
+from free.config.validate import validate_zoo
 from free.data import EpisodeSampler, load_splits
 from free.data.base import Progress
 from free.evaluate import evaluate
@@ -51,10 +52,11 @@ from free.inversion import (
     LossWeights,
     MetaGenerator,
     Recovery,
+    meta_learner_student,
     recover_from_scratch,
     recover_pixels,
 )
-from free.maml import Params, logits, split_state
+from free.maml import Params, split_state
 from free.metalearn import MetaSettings, meta_update
 from free.models import Generator, build_classifier
 from free.taskcache import MemoryBank
@@ -123,6 +125,7 @@ class MetaTrainLoop:
     """The state of one meta-training run and its iteration; kept out of :func:`run` to checkpoint it."""
 
     def __init__(self, cfg: Config, device: torch.device, zoo: list[tuple[torch.nn.Module, dict[str, Any]]]) -> None:
+        validate_zoo(cfg, [meta["n_classes"] for _, meta in zoo])  # an imported zoo's widths, before any work
         self.cfg, self.device, self.zoo = cfg, device, zoo
         ds, ml, inv = cfg.dataset, cfg.metalearn, cfg.inversion
         with torch.random.fork_rng(devices=[]):  # initialisations from the seed, not from whatever ran before
@@ -228,9 +231,10 @@ class MetaTrainLoop:
         }
 
     def _student(self):
-        """The current meta-learner initialisation as a function, for the adversarial term."""
+        """The current meta-learner initialisation as the adversarial term's student, scoring each
+        teacher's own classes whatever the teacher's width (:func:`free.inversion.meta_learner_student`)."""
         params = {k: v.detach() for k, v in self.params.items()}
-        return lambda x: logits(self.learner, params, self.buffers, x)
+        return meta_learner_student(self.learner, params, self.buffers)
 
     def _pseudo_tasks(self, fresh: list[int]):
         """Tasks from the fresh teachers and, with replay, from the whole bank; with distillation targets."""

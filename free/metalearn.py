@@ -16,12 +16,23 @@ For a batch of tasks ``T_1..T_n`` and an initialisation ``theta`` (FREE, Wei et 
 
 ``g_i(w)`` is the FO-MAML meta-gradient: adapt ``w`` on the support set (``inner_steps`` SGD steps),
 then the gradient of the query loss at the adapted weights - optionally plus a distillation term
-that matches the teacher's softened predictions on the query set.
+that matches the teachers' softened predictions on the query set.
+
+Distillation on tasks that mix teachers (departure from the authors' code, which distils one
+teacher per task): each query image learns from the teacher that produced it
+(:func:`distillation_targets`), over the task's classes that teacher knows. A teacher's softmax is
+a distribution over its own classes only, so it says nothing about a task class it never saw; the
+KL is taken between the teacher's and the student's distributions *conditioned on the known
+classes* (both renormalised over them, :func:`distillation_loss`). Giving the unknown classes
+probability 0 instead would claim the image is surely not of a class the teacher cannot judge, and
+would reduce to a tempered hard-label loss wherever the teacher knows one class of the task. A task
+from a single teacher is the usual Hinton KD, as before; an image whose teacher knows only its own
+class of the task adds nothing (there is nothing for that teacher to teach about the others).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -50,10 +61,62 @@ class MetaSettings:
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, from log-probabilities on both sides (Hinton et al., 2015)."""
-    log_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+    """``T^2 * mean_i KL(softmax(t_i/T) || softmax(s_i/T))`` over the classes row ``i``'s teacher knows
+    (Hinton et al., 2015), from log-probabilities on both sides.
+
+    Args:
+        student_logits: ``(B, N)`` the student's logits over the task's classes.
+        teacher_logits: ``(B, N)`` the teacher's logits at the same classes; ``-inf`` where the row's
+            teacher does not know the class. Both softmaxes are then taken over the finite entries
+            only (the KL of the distributions conditioned on the known classes); a row without
+            ``-inf`` is the usual KD, a row with one finite entry contributes 0.
+        temperature: ``T``.
+
+    Returns:
+        A 0-d tensor, the sum over rows divided by ``B`` (``batchmean``).
+    """
+    known = torch.isfinite(teacher_logits)  # (B, N)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)  # -inf (probability 0) where unknown
+    log_s = F.log_softmax((student_logits / temperature).masked_fill(~known, float("-inf")), dim=-1)
+    # Zero the unknown entries before subtracting: -inf - -inf would put NaN into the gradient.
+    gap = log_t.masked_fill(~known, 0.0) - log_s.masked_fill(~known, 0.0)
+    return (log_t.exp() * gap).sum() / student_logits.shape[0] * temperature**2
+
+
+def distillation_targets(
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    task_teachers: torch.Tensor,
+    task_classes: Sequence[str],
+    teachers: Mapping[int, tuple[Callable[[torch.Tensor], torch.Tensor], Sequence[str]]],
+) -> torch.Tensor:
+    """Each query image's soft target from the teacher that produced it, over the task's classes.
+
+    Args:
+        query_x: ``(M, C, H, W)`` query images; query_y: ``(M,)`` their task labels in ``0..N-1``.
+        task_teachers: ``(N,)`` the teacher each task label was recovered from.
+        task_classes: the ``N`` original class names of the task's labels.
+        teachers: teacher id -> (the teacher, its class names in its own label order).
+
+    Returns:
+        ``(M, N)``: entry ``(i, j)`` is the logit that image ``i``'s teacher gives class
+        ``task_classes[j]``, matched by original class name (a teacher may know a task class that
+        was drawn from another teacher), or ``-inf`` when that teacher does not know it. Column
+        ``query_y[i]`` is always finite.
+    """
+    out = torch.full((len(query_y), len(task_classes)), float("-inf"), device=query_x.device)
+    image_teacher = task_teachers.to(query_y.device)[query_y]  # (M,)
+    for t in image_teacher.unique().tolist():
+        teacher, names = teachers[t]
+        rows = (image_teacher == t).nonzero().squeeze(1).to(query_x.device)
+        index = {name: k for k, name in enumerate(names)}
+        columns = [(j, index[name]) for j, name in enumerate(task_classes) if name in index]
+        task_cols = torch.tensor([j for j, _ in columns], device=query_x.device)
+        teacher_cols = torch.tensor([k for _, k in columns], device=query_x.device)
+        with torch.no_grad():
+            scores = teacher(query_x[rows])  # (R, teacher's classes)
+        out[rows.unsqueeze(1), task_cols] = scores[:, teacher_cols].to(out.dtype)
+    return out
 
 
 def meta_gradient(
@@ -68,8 +131,9 @@ def meta_gradient(
 
     Args:
         task: one episode (no batch dimension).
-        teacher_logits: ``(N*Q, N)`` the teacher's logits on the query images in task-label order,
-            used when ``settings.distill > 0``; ``None`` skips distillation for this task.
+        teacher_logits: ``(N*Q, N)`` each query image's teacher's logits in task-label order, ``-inf``
+            at classes that teacher does not know (:func:`distillation_targets`); used when
+            ``settings.distill > 0``; ``None`` skips distillation for this task.
     """
     adapted = adapt(model, params, buffers, task.support_x, task.support_y, settings.inner_steps, settings.inner_lr)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
 import torch
 
 from free.data import EpisodeSampler, FewShotSplit
-from free.maml import split_state
-from free.metalearn import MetaSettings, aligned_or_averaged, distillation_loss, meta_update
+from free.maml import adapt, logits, split_state
+from free.metalearn import MetaSettings, aligned_or_averaged, distillation_loss, meta_gradient, meta_update
 from free.models import build_classifier
+from free.taskcache import MemoryBank
 
 
 def quadratic(a: torch.Tensor, c: torch.Tensor):
@@ -87,3 +92,106 @@ def test_meta_update_learns_a_simple_task_family() -> None:
         params, stats = meta_update(model, params, buffers, [batch[i] for i in range(4)], settings)
         first = first if first is not None else stats["query_loss"]
     assert stats["query_loss"] < first and stats["query_acc"] > 0.6
+
+
+# ---- distillation on tasks that mix teachers (issue 12) ------------------------------------------
+
+
+def two_teacher_bank():
+    """Teacher 0 knows a, b, c; teacher 1 knows d, e, f and also a (class sets overlap in a real zoo)."""
+    torch.manual_seed(0)
+    zoo = [
+        (build_classifier("conv4", 1, len(names), 16, 8, [0.5], [0.25], True).eval(), {"class_names": names})
+        for names in (["a", "b", "c"], ["d", "e", "f", "a"])
+    ]
+    bank = MemoryBank(2, 4, (1, 16, 16))
+    gen = torch.Generator().manual_seed(0)
+    for t, (_, meta) in enumerate(zoo):
+        n = len(meta["class_names"])
+        bank.add(t, meta["class_names"], torch.rand(4 * n, 1, 16, 16, generator=gen), torch.arange(n).repeat(4))
+    return zoo, bank
+
+
+def stage_targets(zoo, pseudo):
+    """The distillation targets exactly as the metatrain stage builds them for a pseudo task."""
+    from free.stages.metatrain import MetaTrainLoop
+
+    return MetaTrainLoop._teacher_targets(SimpleNamespace(zoo=zoo, device=torch.device("cpu")), pseudo)
+
+
+def test_distillation_changes_the_meta_gradient_of_a_mixed_teacher_task() -> None:
+    """With taskcache.mix_teachers=true almost no task has one teacher; the term used to be skipped
+    for them (targets None), so metalearn.distill > 0 did nothing. Each query image now learns from
+    the teacher that produced it, over the task's classes that teacher knows."""
+    zoo, bank = two_teacher_bank()
+    pseudo = next(
+        p
+        for p in (bank.sample_task(4, 1, 3, torch.Generator().manual_seed(s)) for s in range(50))
+        if len(p.teacher_ids.unique()) == 2  # a mixed task (of 4 classes, one teacher gives >= 2)
+    )
+    targets = stage_targets(zoo, pseudo)
+    assert targets is not None, "the distillation term was skipped for a task that mixes teachers"
+    assert targets.shape == (12, 4)
+
+    learner = build_classifier("conv4", 1, 4, 16, 8, [0.5], [0.25], track_running_stats=False)
+    params, buffers = split_state(learner)
+    kd = MetaSettings(inner_steps=1, inner_lr=0.1, distill=1.0, temperature=4.0)
+    with_kd, _ = meta_gradient(learner, params, buffers, pseudo.episode, kd, targets)
+    without, _ = meta_gradient(learner, params, buffers, pseudo.episode, replace(kd, distill=0.0), targets)
+    assert any(not torch.allclose(with_kd[k], without[k]) for k in with_kd), "distillation left the gradient as is"
+
+    ep = pseudo.episode
+    adapted = adapt(learner, params, buffers, ep.support_x, ep.support_y, kd.inner_steps, kd.inner_lr)
+    assert distillation_loss(logits(learner, adapted, buffers, ep.query_x), targets, kd.temperature).item() > 0
+
+
+def test_per_image_teacher_targets_match_a_naive_loop() -> None:
+    from free.metalearn import distillation_targets
+
+    zoo, bank = two_teacher_bank()
+    for seed in range(6):
+        pseudo = bank.sample_task(4, 1, 3, torch.Generator().manual_seed(seed))
+        ep = pseudo.episode
+        got = distillation_targets(
+            ep.query_x,
+            ep.query_y,
+            pseudo.teacher_ids,
+            pseudo.class_names,
+            {t: (m, meta["class_names"]) for t, (m, meta) in enumerate(zoo)},
+        )
+        naive = torch.full((len(ep.query_y), 4), -math.inf)
+        for i in range(len(ep.query_y)):
+            teacher, meta = zoo[int(pseudo.teacher_ids[ep.query_y[i]])]
+            with torch.no_grad():
+                scores = teacher(ep.query_x[i : i + 1])[0]
+            for j, name in enumerate(pseudo.class_names):
+                if name in meta["class_names"]:
+                    naive[i, j] = scores[meta["class_names"].index(name)]
+        torch.testing.assert_close(got, naive)
+        assert torch.equal(stage_targets(zoo, pseudo), got)
+
+
+def test_distillation_over_the_classes_the_teacher_knows() -> None:
+    """-inf marks a task class the image's teacher does not know: both distributions are taken over the
+    known classes only (renormalised), so a row whose teacher knows one class of the task adds nothing."""
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 4, generator=gen, requires_grad=True), torch.randn(3, 4, generator=gen)
+    t[1, 2:] = -math.inf  # row 1: its teacher knows classes 0, 1
+    t[2, [0, 1, 3]] = -math.inf  # row 2: only its own class 2
+    temperature = 2.0
+    got = distillation_loss(s, t, temperature)
+    naive = 0.0
+    for i in range(3):
+        known = torch.isfinite(t[i])
+        p_t = torch.softmax(t[i, known] / temperature, 0)
+        p_s = torch.softmax(s[i, known] / temperature, 0)
+        naive = naive + (p_t * (p_t.log() - p_s.log())).sum()
+    torch.testing.assert_close(got, naive / 3 * temperature**2)
+    got.backward()
+    assert torch.isfinite(s.grad).all() and s.grad[2].abs().sum() == 0 and s.grad[1, 2:].abs().sum() == 0
+    full = torch.randn(5, 4, generator=gen)  # one teacher knows every class: the usual Hinton KD
+    z = torch.randn(5, 4, generator=gen)
+    expected = torch.nn.functional.kl_div(
+        torch.log_softmax(z / 3, 1), torch.log_softmax(full / 3, 1), log_target=True, reduction="batchmean"
+    )
+    torch.testing.assert_close(distillation_loss(z, full, 3.0), expected * 9)

@@ -63,6 +63,8 @@ def test_metatrain_runs_past_adv_warmup_with_any_teacher_width(
     recoveries = read_json(tmp_path / "generator" / "recovery.json")["tasks"]
     after_warmup = [step for r in recoveries if r["iteration"] >= 2 for step in r["curve"]]
     assert after_warmup and all(step["adv"] > 0 for step in after_warmup)  # the term ran, in the teacher's space
+    # Distillation (metalearn.distill=0.5) acts on these tasks, mixed or not, and says on how much.
+    assert all(0 < c["distill_informative"] <= 1 for c in curves)
 
 
 @pytest.mark.parametrize(

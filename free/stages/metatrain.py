@@ -57,7 +57,7 @@ from free.inversion import (
     recover_pixels,
 )
 from free.maml import Params, split_state
-from free.metalearn import MetaSettings, meta_update
+from free.metalearn import MetaSettings, distillation_targets, meta_update
 from free.models import Generator, build_classifier
 from free.taskcache import MemoryBank
 
@@ -175,6 +175,12 @@ class MetaTrainLoop:
         else:
             fresh, recovery_stats = self._recover()
             tasks, targets = self._pseudo_tasks(fresh)
+            if ml.distill > 0:
+                # Share of query images whose own teacher knows >= 2 of their task's classes: those the
+                # distillation term can teach anything. Tasks mixing teachers lower it; it is logged so
+                # that a distillation with little to act on is seen, not silent.
+                known = torch.cat([torch.isfinite(t).sum(dim=1) >= 2 for t in targets])
+                recovery_stats["distill_informative"] = known.float().mean().item()
         order = torch.randperm(len(tasks), generator=self.rng).tolist()  # random order: alignment is symmetric
         tasks = [tasks[i] for i in order]
         targets = [targets[i] for i in order] if targets is not None else None
@@ -250,19 +256,15 @@ class MetaTrainLoop:
             targets.append(self._teacher_targets(pseudo) if ml.distill > 0 else None)
         return tasks, targets
 
-    def _teacher_targets(self, pseudo) -> torch.Tensor | None:
-        """The teacher's query logits in task-label order, when all of a task's classes share a teacher.
-
-        A task mixing teachers has no single teacher whose output covers all its labels, so it is
-        trained without the distillation term.
-        """
-        teacher_ids = pseudo.teacher_ids.unique()
-        if len(teacher_ids) != 1:
-            return None
-        teacher, _ = self.zoo[int(teacher_ids[0])]
-        with torch.no_grad():
-            scores = teacher(pseudo.episode.query_x.to(self.device))  # (N*Q, teacher's n_way)
-        return scores[:, pseudo.teacher_classes.to(self.device)]  # (N*Q, N) in task-label order
+    def _teacher_targets(self, pseudo) -> torch.Tensor:
+        """``(N*Q, N)`` distillation targets: each query image's logits from the teacher that produced
+        it, at the task's classes that teacher knows, ``-inf`` elsewhere (tasks mixing teachers
+        included; see :func:`free.metalearn.distillation_targets`)."""
+        ep = pseudo.episode
+        teachers = {int(t): (self.zoo[int(t)][0], self.zoo[int(t)][1]["class_names"]) for t in pseudo.teacher_ids}
+        return distillation_targets(
+            ep.query_x.to(self.device), ep.query_y.to(self.device), pseudo.teacher_ids, pseudo.class_names, teachers
+        )
 
     # ---- validation, checkpointing, outputs ---------------------------------------------------
 

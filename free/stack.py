@@ -184,8 +184,8 @@ def services(settings: StackSettings) -> list[Service]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     listed = [
-        Service("s3", weed, settings.s3_port, f"{settings.s3_endpoint_url}/healthz", settings.s3_endpoint_url,
-                "weed", 90, dict(creds)),
+        Service("s3", weed, settings.s3_port, f"{settings.s3_endpoint_url}/healthz",
+                f"{HOST}:{settings.s3_port} (S3 API, not a web page)", "weed", 90, dict(creds)),
         Service("mlflow", mlflow, settings.mlflow_port, f"{settings.mlflow_tracking_uri}/health",
                 settings.mlflow_tracking_uri, "mlflow", 120,
                 {**creds, "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url}),

@@ -103,6 +103,48 @@ def test_metatrain_resumes_after_a_kill_with_the_same_artifacts(
     assert not list((tmp_path / "broken" / ".state").glob("metatrain-*"))  # state removed when done
 
 
+def test_metatrain_resumes_after_incremental_checkpoints_that_skipped_unchanged_shards(
+    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One teacher a step and a checkpoint every step: each checkpoint rewrites one bank shard and
+    leaves the others as they are; a kill after such a checkpoint still resumes to the same artifacts."""
+    extra = ("inversion.teachers_per_step=1", "metalearn.checkpoint_every=1")
+    unbroken = fake_config(fake_omniglot, tmp_path / "unbroken", *extra)
+    prepare(unbroken)
+    metatrain.run(unbroken)
+
+    broken = fake_config(fake_omniglot, tmp_path / "broken", *extra)
+    prepare(broken)
+    shards: list[dict[str, tuple[int, int]]] = []  # after each checkpoint: shard name -> (inode, mtime_ns)
+    original_save, original_step = MetaTrainLoop.save_state, MetaTrainLoop.step
+
+    def save_state(self: MetaTrainLoop, directory: Path) -> None:
+        original_save(self, directory)
+        bank = directory / "bank"
+        shards.append({p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in bank.glob("bank_*.safetensors")})
+
+    def kept(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+        return [name for name in before if after.get(name) == before[name]]
+
+    def dies_at_iteration_5(self: MetaTrainLoop) -> None:
+        if self.iteration == 4:
+            raise KeyboardInterrupt
+        original_step(self)
+
+    monkeypatch.setattr(MetaTrainLoop, "save_state", save_state)
+    monkeypatch.setattr(MetaTrainLoop, "step", dies_at_iteration_5)
+    with pytest.raises(KeyboardInterrupt):
+        metatrain.run(broken)
+    assert len(shards) == 4 and len(shards[-1]) >= 2
+    assert kept(shards[-2], shards[-1]), "the checkpoint before the kill rewrote every shard"
+    assert all(len(set(shards[i]) - set(kept(shards[i], shards[i + 1]))) <= 1 for i in range(3))
+
+    monkeypatch.setattr(MetaTrainLoop, "step", original_step)
+    metatrain.run(broken)
+    assert len(shards) == 6 and kept(shards[3], shards[4]), "the first checkpoint after the resume rewrote all"
+    assert outputs_without_timings(tmp_path / "broken") == outputs_without_timings(tmp_path / "unbroken")
+
+
 def test_finished_stages_do_nothing_and_changes_rerun(
     fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -248,3 +248,238 @@ def test_grid_tensor_newest_first() -> None:
     assert grid.shape == (6, *SHAPE)
     codes = decode(grid)
     assert codes[:, 1].tolist() == [0, 0, 0, 1, 1, 1] and codes[:3, 2].tolist() == [3, 3, 2]
+
+
+# ---- memory: allocate as filled (issue 12, bug 4) ----------------------------------------------
+
+
+def held_bytes(obj: object, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor storage reachable from ``obj`` (through this project's objects, dicts,
+    lists and tuples), each storage once: what the bank really holds, whatever its layout, and a
+    small view of a big allocation counts as the big allocation."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(obj):
+        storage = obj.untyped_storage()
+        if storage.nbytes() == 0 or storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(held_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(held_bytes(v, seen) for v in obj)
+    if type(obj).__module__.startswith("free.") and hasattr(obj, "__dict__"):
+        return sum(held_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def test_a_teacher_holds_what_it_stored_not_its_whole_ring_buffer() -> None:
+    shape, n_classes, slots, ips = (3, 84, 84), 5, 20, 20
+    slot_bytes = n_classes * ips * 3 * 84 * 84  # one uint8 slot per class: one recovered batch
+    bank = MemoryBank(slots, ips, shape)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n_classes).repeat(ips)
+
+    def add(teacher: int) -> None:
+        bank.add(teacher, names(teacher, n_classes), torch.rand(len(labels), *shape, generator=g), labels)
+
+    add(0)
+    held = held_bytes(bank)
+    assert held < 1.05 * slot_bytes, f"one batch of {slot_bytes} bytes stored, {held} held (the full ring?)"
+    assert bank.nbytes() == held and bank.nbytes(0) == held
+    for _ in range(5):
+        add(1)
+    assert bank.nbytes(0) == held  # another teacher's growth leaves this one as it was
+    assert 5 * slot_bytes <= bank.nbytes(1) < 2 * 5 * slot_bytes  # grows with what it holds
+    assert bank.nbytes() == held_bytes(bank) == bank.nbytes(0) + bank.nbytes(1)
+    for _ in range(slots + 5):  # full and wrapping: never more than the ring itself
+        add(1)
+    assert slots * slot_bytes <= bank.nbytes(1) < 1.05 * slots * slot_bytes
+
+
+# ---- checkpoints: incremental saves (issue 12, bug 4) ------------------------------------------
+
+
+def shard_files(directory: Path) -> dict[str, tuple[int, int]]:
+    """``{shard name: (inode, mtime_ns)}``: a shard rewritten (atomically, by rename) changes both."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(directory.glob("bank_*.safetensors"))}
+
+
+def hashed_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the files hashed from now on (sha256_file wherever the bank may call it)."""
+    import free.artifacts
+    import free.taskcache
+    from free.data.base import sha256_file
+
+    hashed: list[str] = []
+
+    def spy(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return sha256_file(path)
+
+    monkeypatch.setattr(free.artifacts, "sha256_file", spy)
+    monkeypatch.setattr(free.taskcache, "sha256_file", spy)
+    return hashed
+
+
+def assert_same_bank(a: MemoryBank, b: MemoryBank) -> None:
+    assert a.teachers() == b.teachers() and a.recent_teachers(99) == b.recent_teachers(99)
+    for t in a.teachers():
+        assert a.class_names(t) == b.class_names(t)
+        for c in range(len(a.class_names(t))):
+            assert torch.equal(a.images(t, c), b.images(t, c))
+    assert_same_task(
+        a.sample_task(3, 1, 1, torch.Generator().manual_seed(0)),
+        b.sample_task(3, 1, 1, torch.Generator().manual_seed(0)),
+    )
+
+
+def test_saving_again_rewrites_and_hashes_only_the_shards_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from free.data.base import sha256_file
+
+    bank = filled_bank(n_teachers=3)
+    bank.save(tmp_path / "ckpt")
+    first = shard_files(tmp_path / "ckpt")
+    hashed = hashed_paths(monkeypatch)
+    bank.add(1, names(1, 3), *traceable_batch(1, 3, 3, batch_no=7))
+    manifest = bank.save(tmp_path / "ckpt")
+    second = shard_files(tmp_path / "ckpt")
+    assert second["bank_001.safetensors"] != first["bank_001.safetensors"]
+    assert {k: v for k, v in second.items() if k != "bank_001.safetensors"} == {
+        k: v for k, v in first.items() if k != "bank_001.safetensors"
+    }, "unchanged shards were rewritten"
+    assert "bank_000.safetensors" not in hashed and "bank_002.safetensors" not in hashed
+    hashed.clear()
+    bank.save(tmp_path / "ckpt")  # nothing changed: nothing written, nothing hashed
+    assert shard_files(tmp_path / "ckpt") == second and not [n for n in hashed if n.startswith("bank_")]
+
+    # The manifest describes the files as they are, and loading gives the same bank ...
+    assert json.loads((tmp_path / "ckpt" / "manifest.json").read_text()) == manifest
+    for entry in manifest["teachers"]:
+        assert entry["sha256"] == sha256_file(tmp_path / "ckpt" / entry["file"])
+    assert_same_bank(MemoryBank.load(tmp_path / "ckpt"), bank)
+    # ... byte for byte what one save of the same bank writes into a fresh folder.
+    bank.save(tmp_path / "fresh")
+    for path in sorted((tmp_path / "fresh").iterdir()):
+        assert path.read_bytes() == (tmp_path / "ckpt" / path.name).read_bytes(), path.name
+
+
+def test_incremental_saves_trust_only_shards_the_bank_wrote_or_verified(tmp_path: Path) -> None:
+    bank = filled_bank(n_teachers=3)
+    bank.save(tmp_path / "a")
+    # A bank loaded (hash-checked) from a folder knows its shards there, and nowhere else.
+    loaded = MemoryBank.load(tmp_path / "a")
+    before = shard_files(tmp_path / "a")
+    loaded.save(tmp_path / "a")
+    assert shard_files(tmp_path / "a") == before
+    loaded.add(2, names(2, 3), *traceable_batch(2, 3, 3, batch_no=8))
+    loaded.save(tmp_path / "a")
+    after = shard_files(tmp_path / "a")
+    assert [n for n in after if after[n] != before[n]] == ["bank_002.safetensors"]
+    loaded.save(tmp_path / "b")
+    assert sorted(shard_files(tmp_path / "b")) == sorted(before)  # a new folder gets every shard
+    # A shard changed or removed behind the bank's back is written again, not trusted.
+    (tmp_path / "a" / "bank_000.safetensors").unlink()
+    with (tmp_path / "a" / "bank_001.safetensors").open("ab") as shard:  # edited in place (same inode)
+        shard.write(b"\0")
+    loaded.save(tmp_path / "a")
+    assert_same_bank(MemoryBank.load(tmp_path / "a"), loaded)
+    # Another bank saving into the folder in between: its shards are not this bank's.
+    filled_bank(n_teachers=3, batches=1).save(tmp_path / "a")
+    loaded.save(tmp_path / "a")
+    assert_same_bank(MemoryBank.load(tmp_path / "a"), loaded)
+
+
+# ---- sampling is unchanged by the storage layout (recorded before bug 4 was fixed) -------------
+
+
+def golden_bank() -> MemoryBank:
+    """Wrapped and partial rings, a class absent from a batch, a class name shared by two teachers."""
+    bank = MemoryBank(slots=3, images_per_slot=2, image_shape=SHAPE)
+    for b in range(5):
+        for t in range(4):
+            if b < 2 + t:  # teacher t gets 2 + t batches: the rings of teachers 2 and 3 wrap
+                classes = names(t, 3) if t != 3 else ["t0c1", "t3c1", "t3c2"]
+                bank.add(t, classes, *traceable_batch(t, 3, 2 + b % 2, b))
+    images, labels = traceable_batch(4, 3, 2, 0)
+    keep = labels != 2
+    bank.add(4, names(4, 3), images[keep], labels[keep])  # class 2 of teacher 4 stays empty
+    return bank
+
+
+# Support then query images of each task as "teacher.class.batch.position", then the task's teacher
+# ids and teacher-local classes: the output of the bank as it was before the storage changed.
+GOLDEN_TASKS = [
+    ("1.1.1.4 1.0.1.0 2.1.1.1 2.0.1.3 1.1.2.1 1.0.2.0 2.1.2.4 2.0.3.3", [1, 1, 2, 2], [1, 0, 1, 0]),
+    ("4.0.0.3 4.1.0.4 3.2.4.2 2.0.3.3 4.0.0.0 4.1.0.1 3.2.3.2 2.0.1.0", [4, 4, 3, 2], [0, 1, 2, 0]),
+    ("0.2.0.5 0.0.0.0 3.0.2.0 4.1.0.1 0.2.0.2 0.0.1.3 3.0.4.0 4.1.0.4", [0, 0, 3, 4], [2, 0, 0, 1]),
+    (
+        "2.1.2.4 2.1.1.4 1.0.2.3 1.0.2.0 3.0.4.0 3.0.3.0 2.1.1.1 2.1.3.4 2.1.2.1 1.0.1.0 1.0.1.3 1.0.0.0 "
+        "3.0.2.0 3.0.4.3 3.0.3.3",
+        [2, 1, 3],
+        [1, 0, 0],
+    ),
+    (
+        "2.0.3.0 2.2.1.2 2.1.3.4 2.0.2.0 2.0.2.3 2.0.1.3 2.0.1.0 2.2.3.2 2.2.2.2 2.2.3.5 2.2.2.5 2.1.3.1 "
+        "2.1.2.4 2.1.2.1 2.1.1.1",
+        [2, 2, 2],
+        [0, 2, 1],
+    ),
+]
+
+
+def golden_tasks(bank: MemoryBank) -> list[tuple[str, list[int], list[int]]]:
+    g = torch.Generator().manual_seed(0)
+    tasks = [bank.sample_task(4, 1, 1, g) for _ in range(3)]  # one generator: its state carries on
+    tasks.append(bank.sample_task(3, 2, 3, torch.Generator().manual_seed(1), teachers=[1, 2, 3]))
+    tasks.append(bank.sample_task(3, 1, 4, torch.Generator().manual_seed(2), teachers=[2, 3], mix_teachers=False))
+    described = []
+    for task in tasks:
+        codes = decode(torch.cat([task.episode.support_x, task.episode.query_x])).tolist()
+        images = " ".join(".".join(map(str, c)) for c in codes)
+        described.append((images, task.teacher_ids.tolist(), task.teacher_classes.tolist()))
+    return described
+
+
+def test_pseudo_tasks_are_the_ones_recorded_before_the_storage_changed(tmp_path: Path) -> None:
+    bank = golden_bank()
+    assert golden_tasks(bank) == GOLDEN_TASKS
+    bank.save(tmp_path)
+    assert golden_tasks(MemoryBank.load(tmp_path)) == GOLDEN_TASKS
+
+
+def test_a_bank_saved_in_format_1_still_loads_and_is_rewritten_in_the_current_format(tmp_path: Path) -> None:
+    """Format 1 (before allocation as filled): one zero-padded ``(n_classes, slots, images_per_slot, C, H, W)``
+    tensor per shard. A checkpoint written then must still resume."""
+    from free.artifacts import load_tensors, read_json, save_tensors, write_json
+
+    bank = golden_bank()
+    manifest = bank.save(tmp_path)
+    for entry in manifest["teachers"]:  # rewrite every shard as format 1 did
+        path = tmp_path / entry["file"]
+        tensors, meta = load_tensors(path)
+        padded = torch.zeros(len(entry["class_names"]), bank.slots, bank.images_per_slot, *SHAPE, dtype=torch.uint8)
+        for c, count in enumerate(entry["counts"]):
+            if count:
+                padded[c, :count] = tensors[f"images/{c}"]
+        entry["sha256"] = save_tensors(
+            path,
+            {"images": padded, "counts": tensors["counts"], "cursor": tensors["cursor"]},
+            {"teacher": meta["teacher"], "class_names": meta["class_names"]},
+        )
+    write_json(tmp_path / "manifest.json", {**manifest, "format": 1})
+
+    loaded = MemoryBank.load(tmp_path)
+    assert_same_bank(loaded, bank)
+    assert golden_tasks(loaded) == GOLDEN_TASKS
+    images = sum(loaded.n_images(t, c) for t in loaded.teachers() for c in range(3))
+    assert loaded.nbytes() == held_bytes(loaded) == images * 4 + len(loaded.teachers()) * 2 * 3 * 8  # no padding
+    before = shard_files(tmp_path)
+    loaded.save(tmp_path)  # nothing added, but every shard is rewritten in the current format
+    assert all(shard_files(tmp_path)[name] != before[name] for name in before)
+    assert read_json(tmp_path / "manifest.json")["format"] == 2
+    bank.save(tmp_path / "fresh")
+    for path in sorted((tmp_path / "fresh").iterdir()):
+        assert path.read_bytes() == (tmp_path / path.name).read_bytes(), path.name

@@ -29,6 +29,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# free.paths is standard library only (free/__init__.py imports nothing): the same rule for relative
+# folders as the stack and the config, without the virtual environment.
+from free.paths import in_project  # noqa: E402
+
 HOST = "127.0.0.1"
 AUX_PORTS = 9  # weed mini's master, volume, filer, admin ports (see free/stack.py)
 ARCHIVES = ("images_background_small1.zip", "images_background_small2.zip")
@@ -43,9 +48,7 @@ def check_python() -> list[str]:
 
 
 def data_root() -> Path:
-    configured = os.environ.get("FREE_DATA_DIR")
-    base = Path(configured).expanduser() if configured else Path("data")
-    return (base if base.is_absolute() else ROOT / base) / "omniglot"
+    return in_project(os.environ.get("FREE_DATA_DIR") or "data") / "omniglot"
 
 
 def check_data(root: Path) -> list[str]:
@@ -149,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     venv_ready = (ROOT / os.environ.get("VENV", ".venv") / ".setup-complete").is_file()
     need_gb = args.need_gb if args.need_gb is not None else (1.0 if venv_ready else 7.0)
-    state = Path(os.environ.get("FREE_STATE_DIR", "state")).expanduser()
-    state_dir = state if state.is_absolute() else ROOT / state
+    state_dir = in_project(os.environ.get("FREE_STATE_DIR", "state"))
     problems = [*check_python(), *check_data(data_root()), *check_ports(state_dir), *check_disk(need_gb)]
     if problems:
         print(f"preflight: {len(problems)} problem(s) before anything is installed or started:", file=sys.stderr)

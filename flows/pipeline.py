@@ -189,8 +189,9 @@ def run_stage(project: Path, stage: str) -> dict[str, Any]:
                 logger.debug("%s", line)
                 continue
             logger.info("%s", line)
-            if error_line(line).strip():
-                tail.append(error_line(line))
+            kept = error_line(line)
+            if kept.strip():
+                tail.append(kept)
             if line.startswith(("Running stage", "Stage ")):
                 outcome_lines.append(line)
     code = proc.wait()

@@ -124,6 +124,23 @@ class TaskCacheConfig:
 
 
 @dataclass
+class OfficialUpdateConfig:
+    """``metalearn.update=official``: the authors' meta-learner update (WalkerWorldPeace/FREE, main.py).
+
+    Defaults are theirs (``--outer_lr``, ``reptile_grad``'s ``alpha=67``, ``--episode_batch``,
+    ``--generate_interval``), not tuned here; ``max_replay_batches`` and the temperature are ours
+    (see :mod:`free.official`)."""
+
+    lr: float = 0.001  # Adam, for the fast copy's distillation steps and for the initialisation
+    reptile_scale: float = 67.0  # the initialisation's Adam gradient is reptile_scale * (theta - fast)
+    temperature: float = 1.0  # distillation softmax temperature (the authors': 1)
+    replay_batch: int = 10  # memory-bank tasks per Adam step of the MAML replay
+    patience: int = 10  # replay stops after this many batches without a better pseudo-task accuracy
+    max_replay_batches: int = 30  # our bound on one iteration's replay (theirs has none)
+    second_order: bool = True  # MAML replay through the inner steps (theirs: true unless --approx)
+
+
+@dataclass
 class MetaLearnConfig:
     """Meta-training of the meta-learner on pseudo tasks (MAML inner loop + alignment)."""
 
@@ -145,6 +162,8 @@ class MetaLearnConfig:
     data: str = "pseudo"  # pseudo (data-free) | real (oracle upper bound)
     val_every: int = 100
     val_episodes: int = 100
+    update: str = "first_order"  # first_order (ours, free.metalearn) | official (the authors', free.official)
+    official: OfficialUpdateConfig = field(default_factory=OfficialUpdateConfig)
 
 
 @dataclass

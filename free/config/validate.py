@@ -23,6 +23,7 @@ INVERSION_MODES = ("meta", "from_scratch", "pixels")
 OUTER_UPDATES = ("gradient", "reptile")
 HEADS = ("linear", "proto")
 METALEARN_DATA = ("pseudo", "real")
+METALEARN_UPDATES = ("first_order", "official")
 METHODS = ("free", "free_noalign", "scratch", "pixels", "random_init", "oracle")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -129,6 +130,13 @@ def validate(cfg: Config) -> Config:
     one_of("metalearn.data", ml.data, METALEARN_DATA, "data source")
     at_least("metalearn.val_every", ml.val_every, 1)
     at_least("metalearn.val_episodes", ml.val_episodes, 1)
+    one_of("metalearn.update", ml.update, METALEARN_UPDATES, "update rule")
+    positive("metalearn.official.lr", ml.official.lr)
+    positive("metalearn.official.reptile_scale", ml.official.reptile_scale)
+    positive("metalearn.official.temperature", ml.official.temperature)
+    at_least("metalearn.official.replay_batch", ml.official.replay_batch, 1)
+    at_least("metalearn.official.patience", ml.official.patience, 1)
+    at_least("metalearn.official.max_replay_batches", ml.official.max_replay_batches, 0)
     # Teacher widths against the learner's way. Any width works for the adversarial term and for
     # distillation (both map to the right label space); what cannot work is a pseudo task that has
     # fewer classes to draw from than metalearn.n_way. An imported zoo's widths are its own

@@ -356,6 +356,8 @@ class MetaTrainLoop:
             "best_val_acc": self.best_val_acc if self.best_val_acc >= 0 else None,
             "inner_steps": cfg.metalearn.inner_steps,
             "inner_lr": cfg.metalearn.inner_lr,
+            "k_shot": cfg.metalearn.k_shot,  # the task shape it was meta-trained on (a 5-shot learner says 5)
+            "q_query": cfg.metalearn.q_query,
             "selected_on": "meta-val",
             "fingerprint": fp,
         }

@@ -57,6 +57,69 @@ def recovery(result: dict[str, Any]) -> str:
 
 
 def accuracy(result: dict[str, Any]) -> str:
+    if "base_shot" not in result:  # a result from before separate learners per shot (docs/RESULTS.md shows one)
+        return _accuracy_one_learner(result)
+    base = result["base_shot"]
+    blocks = []
+    for zoo, table in result["tables"].items():
+        rows = table["rows"]
+        columns = [c for c in next(iter(rows.values())) if "shot" in c]
+        main = [c for c in columns if "_from_" not in c]
+        names = [c.replace(f"_from_{base}shot_learner", f", {base}-shot learner") for c in columns]
+        lines = [
+            f"**{zoo} zoo** ({result['seeds']} seed(s))",
+            "",
+            "| method | " + " | ".join(names) + " | " + " | ".join(f"− FREE, {c}" for c in main) + " |",
+            "|---|" + "---|" * (len(columns) + len(main)),
+        ]
+        for row in rows.values():
+            paired = " | ".join(_pct(row[c]["paired_vs_free"]) if row[c]["paired_vs_free"] else "—" for c in main)
+            lines.append(f"| {row['label']} | " + " | ".join(_pct(row[c]) for c in columns) + f" | {paired} |")
+        variants = [row for row in rows.values() if any(row[c].get("paired_vs_best_baseline") for c in main)]
+        if variants:
+            lines += [
+                "",
+                "| FREE variant − best data-free baseline | " + " | ".join(main) + " |",
+                "|---|" + "---|" * len(main),
+            ]
+            for row in variants:
+                cells = []
+                for c in main:
+                    diff = row[c]["paired_vs_best_baseline"]
+                    cells.append(f"{_pct(diff)} ({result['rows'][diff['baseline']]})")
+                lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        lines += _accuracy_notes(result, rows)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _accuracy_notes(result: dict[str, Any], rows: dict[str, Any]) -> list[str]:
+    """Which learner fills which column, lowered query sets, the equal-time budgets."""
+    base = result["base_shot"]
+    notes = [
+        f'`<N>way_<k>shot`: a learner meta-trained on k-shot tasks; "{base}-shot learner": the {base}-shot '
+        "learner tested at more shots; random init: one untrained learner for every column."
+    ]
+    for k, learner in result["learners"].items():
+        if "q_query_lowered_from" in learner:
+            notes.append(
+                f"{k}-shot learners: metalearn.q_query {learner['q_query_lowered_from']} → {learner['q_query']} "
+                "(k_shot + q_query must fit taskcache.images_per_slot)."
+            )
+    if "scratch_equal_time" in rows:
+        budgets = []
+        for seed, per_learner in enumerate(rows["scratch_equal_time"]["learners"]):
+            for k, r in per_learner.items():
+                t = r["equal_time"]
+                budgets.append(
+                    f"seed {seed}, {k}-shot: {t['iterations']} iterations (val_every {t['val_every']}) in FREE's "
+                    f"{t['free_metatrain_seconds']:.1f} s at {t['scratch_seconds_per_iteration']:.2f} s per iteration"
+                )
+        notes.append("scratch, equal wall time: " + "; ".join(budgets) + ".")
+    return ["", *(f"* {n}" for n in notes)]
+
+
+def _accuracy_one_learner(result: dict[str, Any]) -> str:
     blocks = []
     for zoo, table in result["tables"].items():
         rows = table["rows"]

@@ -81,11 +81,24 @@ def bench_accuracy(
     mixed_archs: Annotated[
         str, typer.Option(help="Comma-separated teacher archs of the heterogeneous-zoo table ('' skips it).")
     ] = "conv4,resnet10",
+    rows: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated rows (default all): free, free_noalign, free_official, free_official_noalign, "
+            "scratch, scratch_equal_time (adds free and scratch), pixels, random_init, oracle."
+        ),
+    ] = "",
     out_file: BenchOut = None,
 ) -> None:
-    """The method table (FREE, w/o alignment, from scratch, random init, oracle), 1-/5-shot +- 95% CI."""
+    """The method table (FREE both updates +- alignment, scratch at equal iterations and wall time, pixels,
+    random init, oracle): one learner per shot, 1-/5-shot +- 95% CI, paired differences."""
     from free.bench import accuracy
 
+    chosen = [r.strip() for r in rows.split(",") if r.strip()]
+    try:
+        accuracy.select_rows(chosen)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--rows") from None
     given = _bench_overrides(overrides, "accuracy")
     archs = [a.strip() for a in mixed_archs.split(",") if a.strip()]
 
@@ -93,7 +106,7 @@ def bench_accuracy(
         replaced = {override_key(o) for o in extra}  # the bench's own settings win over the user's
         return compose_config([*(o for o in given if override_key(o) not in replaced), *extra])
 
-    result = accuracy.run(configs, seeds, archs, progress=bar, say=out.print)
+    result = accuracy.run(configs, seeds, archs, chosen, progress=bar, say=out.print)
     _bench_done("accuracy", result, out_file, accuracy.plot)
 
 

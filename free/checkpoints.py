@@ -5,7 +5,8 @@ header, the JSON description needed to rebuild the network (``arch``, ``channels
 ``image_size``, ``width``, ``mean``, ``std``, ``track_running_stats``) and whatever else the stage
 records (class names, accuracy, step, config). Loading never unpickles anything, rebuilds the
 architecture, and rejects - naming the file - a description that is incomplete, weights whose names
-or shapes do not fit the architecture, and non-finite weights.
+or shapes do not fit the architecture, non-finite weights, and BatchNorm running variances that are
+not positive (a negative one makes every forward pass NaN: ``(x - mean) / sqrt(var + eps)``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from torch import nn
 
 from free.artifacts import load_tensors, save_tensors
 from free.models import CLASSIFIER_ARCHS, build_classifier
+
+#: Largest safetensors header (JSON: tensor offsets + our description) a checkpoint from outside may
+#: have. Ours are a few kB; safetensors' own limit is 100 MB, which it parses into memory before we
+#: see anything.
+MAX_HEADER_BYTES = 1 << 20
 
 ARCH_KEYS = ("arch", "channels", "n_classes", "image_size", "width", "mean", "std", "track_running_stats")
 
@@ -71,6 +77,22 @@ def save_classifier(path: Path, state: dict[str, torch.Tensor], meta: dict[str, 
     return save_tensors(path, state, meta)
 
 
+def header_bytes(path: Path) -> int:
+    """Length of a safetensors file's JSON header: its first 8 bytes, little-endian (the format's spec)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    return int.from_bytes(head, "little")
+
+
+def check_header(path: Path, limit: int = MAX_HEADER_BYTES) -> None:
+    """Refuse a safetensors file whose header is over ``limit`` bytes, before anything parses it."""
+    size = header_bytes(path)
+    if size > limit:
+        raise CheckpointError(f"{path}: safetensors header of {size} bytes is over the limit of {limit} bytes")
+
+
 def load_classifier(path: Path, meta_override: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network of a checkpoint and load its weights, checking everything on the way.
 
@@ -122,5 +144,10 @@ def model_from_state(path: Path, state: dict[str, torch.Tensor], meta: dict[str,
             )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} has non-finite values")
+        if name.endswith("running_var") and not (tensor > 0).all():
+            raise CheckpointError(
+                f"{path}: {name} has {int((tensor <= 0).sum())} non-positive BatchNorm variances "
+                f"(min {tensor.min().item():g}); a variance must be > 0"
+            )
     model.load_state_dict(state)
     return model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -387,17 +388,126 @@ def test_import_rejects_bad_teachers_and_leaves_output_alone(
     assert _digests(out) == before
 
 
+def _negative_var_state() -> dict[str, torch.Tensor]:
+    state = _user_teacher().state_dict()
+    name = next(k for k in state if k.endswith("running_var"))
+    state[name][0] = -0.5  # (x - mean) / sqrt(var + eps) is NaN for this channel: every loss NaN
+    return state
+
+
+# (make weights, card, pattern the refusal must match: the file it names, then the reason)
+HOSTILE_TEACHERS = {
+    "negative_bn_variance": (_negative_var_state, _card(5), r"bad\.safetensors: .*running_var has 1 non-positive"),
+    "one_class": (lambda: _user_teacher(1).state_dict(), _card(1), r"bad\.json: a teacher needs at least 2 classes"),
+    "duplicate_names": (
+        lambda: _user_teacher(5).state_dict(),
+        _card(5, class_names=["x", "y", "x", "z", "x"]),
+        r"bad\.json: class_names repeat \['x'\]",
+    ),
+    # metalearn.n_way=5 and inversion.teachers_per_step=1 (the test config): a 3-class teacher can be
+    # the only one a step inverts, and a 5-way pseudo task cannot be drawn from it.
+    "fewer_than_n_way": (
+        lambda: _user_teacher(3).state_dict(),
+        _card(3),
+        r"too few classes for the meta-learner's tasks: metalearn\.n_way: 5 .* \[bad\.json \(3 classes\)\]",
+    ),
+    "oversized_header": (
+        lambda: _user_teacher(5).state_dict(),
+        _card(5),
+        r"bad\.safetensors: safetensors header of \d+ bytes is over the limit of 1048576 bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_TEACHERS))
+def test_import_refuses_hostile_teachers_naming_file_and_reason(
+    case: str, fake_omniglot: Path, tmp_path: Path, user_teachers: Path
+) -> None:
+    cfg = _cfg(fake_omniglot, tmp_path / "artifacts")
+    stage.import_teachers(cfg, user_teachers)  # an earlier zoo that must stay as it was
+    out = tmp_path / "artifacts" / "teachers"
+    before = _digests(out)
+    make_state, card, pattern = HOSTILE_TEACHERS[case]
+    header = {"padding": "x" * (1 << 20)} if case == "oversized_header" else None
+    save_tensors(user_teachers / "bad.safetensors", make_state(), header)
+    _write_card(user_teachers, "bad", card)
+    with pytest.raises(CheckpointError, match=pattern):
+        stage.import_teachers(cfg, user_teachers)
+    assert _digests(out) == before
+
+
+@pytest.mark.parametrize("which", ["weights", "card", "folder"])
+def test_import_refuses_symlinks_that_leave_the_folder(
+    which: str, fake_omniglot: Path, tmp_path: Path, user_teachers: Path
+) -> None:
+    cfg = _cfg(fake_omniglot, tmp_path / "artifacts")
+    stage.import_teachers(cfg, user_teachers)
+    out = tmp_path / "artifacts" / "teachers"
+    before = _digests(out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_classifier(elsewhere / "c.safetensors", _user_teacher().state_dict(), _card())
+    _write_card(elsewhere, "c", _card())
+    if which == "weights":
+        _write_card(user_teachers, "c", _card())
+        (user_teachers / "c.safetensors").symlink_to(elsewhere / "c.safetensors")
+        named = r"c\.safetensors: a symlink to .*elsewhere/c\.safetensors, outside the import folder"
+    elif which == "card":
+        (user_teachers / "c.json").symlink_to(elsewhere / "c.json")
+        (user_teachers / "c.safetensors").symlink_to(elsewhere / "c.safetensors")
+        named = r"c\.json: a symlink to .*elsewhere/c\.json, outside the import folder"
+    else:  # the import folder itself is fine; a file reached through a symlinked subfolder is not
+        (user_teachers / "sub").symlink_to(elsewhere)
+        linked = tmp_path / "linked"
+        linked.mkdir()
+        (linked / "c.json").symlink_to(user_teachers / "sub" / "c.json")
+        (linked / "c.safetensors").symlink_to(user_teachers / "sub" / "c.safetensors")
+        with pytest.raises(CheckpointError, match=r"c\.json: a symlink to .*elsewhere/c\.json, outside"):
+            stage.import_teachers(cfg, linked)
+        assert _digests(out) == before
+        return
+    with pytest.raises(CheckpointError, match=named):
+        stage.import_teachers(cfg, user_teachers)
+    assert _digests(out) == before
+
+
+def test_import_follows_symlinks_that_stay_in_the_folder(
+    fake_omniglot: Path, tmp_path: Path, user_teachers: Path
+) -> None:
+    (user_teachers / "real").mkdir()
+    (user_teachers / "a.safetensors").rename(user_teachers / "real" / "a.safetensors")
+    (user_teachers / "a.safetensors").symlink_to(user_teachers / "real" / "a.safetensors")
+    assert stage.import_teachers(_cfg(fake_omniglot, tmp_path / "artifacts"), user_teachers)["n_teachers"] == 2
+
+
 class _Payload:
-    """Anything that is not a tensor: a weights-only load must refuse to build it."""
+    """A pickle that runs code when unpickled: ``open(marker, "w")`` creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
 
 
-def test_import_loads_pt_with_weights_only(fake_omniglot: Path, tmp_path: Path) -> None:
+def test_import_refuses_a_pickle_that_would_run_code_and_runs_nothing(fake_omniglot: Path, tmp_path: Path) -> None:
     src = tmp_path / "evil"
     src.mkdir()
-    torch.save({"net.classifier.weight": _Payload()}, src / "t.pt")
+    marker = tmp_path / "payload_ran"
+    torch.save({"net.classifier.weight": _Payload(marker)}, src / "t.pt")
     _write_card(src, "t", _card())
-    with pytest.raises(CheckpointError, match=r"t\.pt.*weights-only"):
+    with pytest.raises(CheckpointError) as refused:
         stage.import_teachers(_cfg(fake_omniglot, tmp_path / "artifacts"), src)
+    message = str(refused.value)
+    assert re.match(r".*t\.pt: refused: this pickle holds code or objects other than tensors \(.*open\)", message)
+    assert "convert it to safetensors" in message
+    assert "weights_only" not in message and "safe_globals" not in message  # no advice to run it anyway
+    assert not marker.exists()  # nothing in it ran
+    assert not (tmp_path / "artifacts" / "teachers").exists()  # and nothing was written
+    # The payload is live: what unpickling would call creates the file (called by hand, not unpickled).
+    call, args = _Payload(tmp_path / "control").__reduce__()
+    call(*args).close()
+    assert (tmp_path / "control").exists()
 
 
 def test_import_needs_weights_next_to_each_card(fake_omniglot: Path, tmp_path: Path) -> None:

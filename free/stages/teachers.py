@@ -22,6 +22,7 @@ one trained in one go.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import time
 from dataclasses import asdict
@@ -41,8 +42,9 @@ from free.artifacts import (
     set_threads,
     write_json,
 )
-from free.checkpoints import CheckpointError, classifier_meta, model_from_state, save_classifier
+from free.checkpoints import CheckpointError, check_header, classifier_meta, model_from_state, save_classifier
 from free.config.schema import Config, dataset_settings
+from free.config.validate import ConfigError, validate_zoo
 from free.data import FewShotSplit, load_splits
 from free.data.base import Progress, sha256_file
 from free.models import build_classifier
@@ -57,6 +59,9 @@ SHIFT = 2
 SEED_STRIDE = 100003
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+#: Largest teacher card (JSON) an import reads; a card is a few hundred bytes plus its class names.
+MAX_CARD_BYTES = 1 << 20
 _TEACHER_FILE = re.compile(r"^teacher_(\d{3,})\.(safetensors|json)$")
 
 
@@ -275,6 +280,14 @@ def import_teachers(cfg: Config, source_dir: Path) -> dict[str, Any]:
     defaults to true) and ``class_names``; optional ``val_acc``, ``class_ids``, ``dataset``, ``seed``.
     A ``.pt`` state dict may be the whole classifier's (``norm.*``, ``net.*``) or the backbone's alone.
 
+    Refused, naming the file and the reason: a card or weights file that is (or is reached through) a
+    symlink leading out of ``source_dir``; a card over :data:`MAX_CARD_BYTES` or a safetensors header
+    over :data:`free.checkpoints.MAX_HEADER_BYTES`; a pickle that holds code or objects other than
+    tensors (nothing in it runs; convert it to safetensors); fewer than 2 classes, duplicate class
+    names, or too few classes for ``metalearn.n_way`` pseudo tasks (:func:`validate_zoo`'s rule, checked
+    here so that the import fails, not meta-training); wrong names or shapes, non-finite weights and
+    non-positive BatchNorm variances.
+
     All inputs are validated before anything is written, so a bad file leaves the output untouched.
 
     Raises:
@@ -289,7 +302,10 @@ def import_teachers(cfg: Config, source_dir: Path) -> dict[str, Any]:
     set_threads(cfg.threads)
     out = teachers_dir(cfg)
     split_classes = _split_classes(cfg)
-    loaded = [_load_import(p, cfg, split_classes) for p in card_paths]  # validates everything first
+    root = source_dir.resolve()
+    loaded = [_load_import(p, cfg, split_classes, root) for p in card_paths]  # validates everything first
+    widths = [(card, meta["n_classes"]) for card, (_, meta, _) in zip(card_paths, loaded, strict=True)]
+    _check_zoo_widths(cfg, source_dir, widths)
 
     sources = [*card_paths] + [weights for _, _, weights in loaded]
     ds = dataset_settings(cfg.dataset)
@@ -313,19 +329,30 @@ def import_teachers(cfg: Config, source_dir: Path) -> dict[str, Any]:
 
 
 def _load_import(
-    card_path: Path, cfg: Config, split_classes: dict[str, str]
+    card_path: Path, cfg: Config, split_classes: dict[str, str], root: Path
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """Read and validate one user teacher; return ``(state_dict, meta, weights_path)``."""
+    """Read and validate one user teacher; return ``(state_dict, meta, weights_path)``.
+
+    ``root``: the import folder, resolved; no file may lead out of it.
+    """
+    _check_inside(card_path, root)
+    if card_path.stat().st_size > MAX_CARD_BYTES:
+        raise CheckpointError(
+            f"{card_path}: card of {card_path.stat().st_size} bytes is over the limit of {MAX_CARD_BYTES} bytes"
+        )
     try:
         card = json.loads(card_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{card_path}: not a readable JSON card ({err})") from err
+    except RecursionError:
+        raise CheckpointError(f"{card_path}: not a readable JSON card (nested too deeply)") from None
     if not isinstance(card, dict):
         raise CheckpointError(f"{card_path}: a card must be a JSON object")
     weights = next((card_path.with_suffix(s) for s in WEIGHT_SUFFIXES if card_path.with_suffix(s).is_file()), None)
     if weights is None:
         names = ", ".join(card_path.with_suffix(s).name for s in WEIGHT_SUFFIXES)
         raise CheckpointError(f"{card_path}: no weights file next to it (looked for {names})")
+    _check_inside(weights, root)
     state, header = _read_weights(weights)
     meta = {**header, **card}
     meta.setdefault("track_running_stats", True)
@@ -342,6 +369,14 @@ def _load_import(
         raise CheckpointError(f"{card_path}: class_names must be a list of strings")
     if len(names) != meta["n_classes"]:
         raise CheckpointError(f"{card_path}: n_classes={meta['n_classes']} but class_names has {len(names)} entries")
+    if len(names) < 2:
+        # Inversion samples labels among a teacher's classes: with one, every target is the same and the
+        # cross-entropy is 0 from the start, and a pseudo task needs at least 2 classes.
+        raise CheckpointError(f"{card_path}: a teacher needs at least 2 classes, this one has {len(names)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        # Pseudo tasks identify classes by name; two outputs with one name would be one class twice.
+        raise CheckpointError(f"{card_path}: class_names repeat {repeated}; each output needs its own class")
     ds = cfg.dataset
     for key, expected in (("image_size", ds.image_size), ("channels", ds.channels)):
         if meta[key] != expected:
@@ -395,9 +430,19 @@ def _load_import(
     )
 
 
+def _check_inside(path: Path, root: Path) -> None:
+    """Refuse ``path`` if it (or a folder on the way) is a symlink that leads out of ``root``."""
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        raise CheckpointError(
+            f"{path}: a symlink to {target}, outside the import folder {root}; copy the file in instead"
+        )
+
+
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, header_meta)`` of a ``.safetensors`` file or a ``.pt``/``.pth`` state dict."""
     if path.suffix == ".safetensors":
+        check_header(path)
         try:
             return load_tensors(path)
         except Exception as err:  # safetensors raises its own error types for corrupt files
@@ -405,13 +450,37 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         # weights_only: a pickle that holds anything but tensors and containers is refused, not run.
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ... depending on the damage
-        raise CheckpointError(f"{path}: not a weights-only state dict ({err})") from err
+    except pickle.UnpicklingError as err:
+        # torch's message advises loading it with weights_only=False or allow-listing its globals,
+        # i.e. running the code in it: never repeated here. Only the name of what it wanted is kept.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it would call or build {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused: this pickle holds code or objects other than tensors{what}, and loading it "
+            "would run them; convert it to safetensors where it was made "
+            "(safetensors.torch.save_file(model.state_dict(), 'teacher.safetensors')) and import that"
+        ) from None
+    except Exception as err:  # RuntimeError, EOFError, ... depending on the damage
+        raise CheckpointError(f"{path}: not a readable torch state dict ({type(err).__name__})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
         raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors)")
     return {str(k): v for k, v in obj.items()}, {}
+
+
+def _check_zoo_widths(cfg: Config, source_dir: Path, widths: list[tuple[Path, int]]) -> None:
+    """The pseudo tasks' check on the zoo's class counts (:func:`validate_zoo`, which meta-training
+    runs too), at import time and naming the narrowest teachers' cards."""
+    try:
+        validate_zoo(cfg, [w for _, w in widths])
+    except ConfigError as err:
+        narrow = sorted(widths, key=lambda cw: cw[1])[: max(1, cfg.inversion.teachers_per_step)]
+        listed = ", ".join(f"{card.name} ({w} classes)" for card, w in narrow)
+        reason = str(err).removeprefix("invalid configuration:").strip()
+        raise CheckpointError(
+            f"{source_dir}: too few classes for the meta-learner's tasks: {reason} [{listed}]"
+        ) from None
 
 
 def _as_classifier_state(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -176,7 +176,32 @@ def hotpaths(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"recovery": recovery, "accuracy": accuracy, "eval": evaluation, "pipeline": pipeline, "hotpaths": hotpaths}
+def tune(result: dict[str, Any]) -> str:
+    """Grid points by meta-val accuracy, best first (the mean over seeds of each card's best_val_acc)."""
+    seeds = result["seeds"]
+    lines = [
+        f"Selected on meta-val ({seeds} seed(s); ± = 1.96·sd/√seeds over seeds). Meta-test not run.",
+        "",
+        "| rank | setting | meta-val acc (%) | per seed | best iteration |",
+        "|---|---|---|---|---|",
+    ]
+    for rank, row in enumerate(result["rows"], start=1):
+        acc = f"{100 * row['val_acc']:.2f}" + (f" ± {100 * row['ci95']:.2f}" if row["ci95"] is not None else "")
+        per_seed = ", ".join(f"{100 * r['best_val_acc']:.1f}" for r in row["per_seed"])
+        iters = ", ".join(str(r["best_iteration"]) for r in row["per_seed"])
+        best = " **(best)**" if rank == 1 else ""
+        lines.append(f"| {rank} | `{row['label']}`{best} | {acc} | {per_seed} | {iters} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {
+    "recovery": recovery,
+    "accuracy": accuracy,
+    "eval": evaluation,
+    "pipeline": pipeline,
+    "hotpaths": hotpaths,
+    "tune": tune,
+}
 
 
 def render(path: Path) -> str:

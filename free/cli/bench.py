@@ -13,7 +13,7 @@ from free.config.compose import override_key
 from free.progress import bar
 
 bench_app = typer.Typer(
-    help="Benchmarks: recovery speed-up, accuracy table, evaluation throughput, pipeline overhead. "
+    help="Benchmarks: recovery speed-up, accuracy table, evaluation throughput, pipeline overhead; meta-val tuning. "
     "Each writes JSON + PNG under benchmarks/results/.",
     no_args_is_help=True,
 )
@@ -159,3 +159,24 @@ def bench_pipeline(
     cache = Path(compose_config([]).paths.cache_dir)
     result = pipeline.run(source, work.resolve(), cache, say=out.print)
     _bench_done("pipeline", result, out_file, pipeline.plot)
+
+
+@bench_app.command("tune")
+@friendly_errors
+def bench_tune(
+    overrides: Overrides = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", help="KEY=v1,v2,... to sweep; repeat for a cartesian product."),
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per point (teacher zoo, initialisations, val episodes).")] = 1,
+    out_file: BenchOut = None,
+) -> None:
+    """Meta-train every point of a grid and rank the points by meta-val accuracy (never meta-test)."""
+    from free.bench import tune
+
+    given = _bench_overrides(overrides, "tune")
+    swept = tune.parse_grid(grid or [])
+    tune.check_overrides(given, swept)
+    result = tune.run(lambda extra: compose_config([*given, *extra]), swept, seeds, progress=bar, say=out.print)
+    _bench_done("tune", result, out_file, tune.plot)

@@ -232,6 +232,10 @@ def bad_requests() -> list[tuple[str, dict[str, Any], str]]:
         ("NaN", {**GOOD, "support_images": nan}, "support_images has 2 NaN or infinite values"),
         ("0..255", {**GOOD, "query_images": GOOD["query_images"] * 255},
          "query_images must be intensities in [0, 1] (pixels / 255), got"),
+        ("1e38", {**GOOD, "support_images": np.full_like(img, 1e38)},
+         "support_images must be intensities in [0, 1] (pixels / 255), got 1e+38 to 1e+38"),
+        ("-inf", {**GOOD, "query_images": np.full_like(GOOD["query_images"], -np.inf)},
+         "query_images has 1568 NaN or infinite values"),
         ("label count", {**GOOD, "support_labels": np.array(["a", "b"])}, "2 support_labels for 3 support_images"),
         ("one class", {**GOOD, "support_labels": np.array(["a", "a", "a"])},
          "the support set has 1 class ('a'); a task needs at least 2 classes"),
@@ -367,6 +371,122 @@ def test_mlflow_models_serve_answers_and_refuses(saved_model: Path) -> None:
         server.wait(timeout=30)
 
 
+# ---- the guard `free serve model` puts in front of MLflow's scoring app -------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(pyfunc):
+    from fastapi.testclient import TestClient
+
+    from free.serving_app import guarded_app
+
+    return TestClient(guarded_app(pyfunc, max_bytes=200_000), raise_server_exceptions=False)
+
+
+def _assert_reason_only(response, status: int, reason: str) -> None:
+    assert response.status_code == status, response.text[:300]
+    assert set(response.json()) == {"error_code", "message"}  # no stack_trace, nothing else
+    assert response.json()["message"].startswith(reason), response.json()["message"]
+    if status == 413:
+        assert "bytes, over this server's limit of 200000 bytes" in response.json()["message"]
+    assert len(response.content) < 600  # the reason, not an echo of the request
+
+
+GOOD_BODY = json.dumps(as_json(GOOD))
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "status", "reason"),
+    [
+        ("deep JSON", "[" * 100_000 + "]" * 100_000, "application/json", 400,
+         "the JSON is nested too deeply (100000 levels, at most 32)"),
+        ("deep inputs", '{"inputs": {"support_images": ' + "[" * 31 + "]" * 31 + ', "x": "[[[[[[[[[[[[[[[[[[[["}}',
+         "application/json", 400, "the JSON is nested too deeply (33 levels, at most 32)"),
+        ("brackets in strings", json.dumps(as_json({**GOOD, "support_labels": ["[" * 40, "{" * 40, "]]"]})),
+         "application/json", 200, ""),
+        ("invalid JSON", GOOD_BODY[:-9], "application/json", 400, "the body is not valid JSON (Expecting"),
+        ("not UTF-8", b'{"inputs": "\xff"}', "application/json", 400, "the body is not UTF-8 text"),
+        ("missing input", json.dumps(as_json({k: v for k, v in GOOD.items() if k != "support_labels"})),
+         "application/json", 400, "Model is missing inputs ['support_labels']"),
+        ("CSV", "a,b\n1,2\n", "text/csv", 415, "send the request as JSON (Content-Type: application/json)"),
+        ("1e38", json.dumps(as_json({**GOOD, "query_images": np.full((2, 1, 28, 28), 1e38).tolist()})),
+         "application/json", 400, "query_images must be intensities in [0, 1] (pixels / 255), got 1e+38"),
+        ("one class", json.dumps(as_json({**GOOD, "support_labels": ["a", "a", "a"]})), "application/json", 400,
+         "the support set has 1 class ('a')"),
+        ("too large", json.dumps(as_json(request(5, 5, 20, list("abcde"), seed=1))), "application/json", 413,
+         "the request is "),
+    ],
+)  # fmt: skip
+def test_guard_refuses_with_the_reason_only(
+    http, guarded, name: str, body: str | bytes, content_type: str, status: int, reason: str
+) -> None:
+    response = guarded.post("/invocations", content=body, headers={"Content-Type": content_type})
+    if status == 200:
+        assert response.status_code == 200, response.text[:300]
+        return
+    _assert_reason_only(response, status, reason)
+
+
+def test_plain_mlflow_app_fails_where_the_guard_does_not(http) -> None:
+    """What the guard is for: MLflow's own app answers these with a 500, an echo of the body, a trace."""
+    from fastapi.testclient import TestClient
+
+    http = TestClient(http.app, raise_server_exceptions=False)
+    deep = http.post(
+        "/invocations", content="[" * 100_000 + "]" * 100_000, headers={"Content-Type": "application/json"}
+    )
+    assert deep.status_code == 500
+    missing = http.post("/invocations", json=as_json({k: v for k, v in GOOD.items() if k != "support_labels"}))
+    assert missing.status_code == 400 and len(missing.content) > 5_000  # the support images, echoed
+    csv = http.post("/invocations", content="a,b\n1,2\n", headers={"Content-Type": "text/csv"})
+    assert "stack_trace" in csv.json()
+
+
+def test_guard_passes_good_requests_and_other_routes_unchanged(http, guarded) -> None:
+    req = request(5, 1, 3, label_set("str", 5), seed=9)
+    plain, guard = http.post("/invocations", json=as_json(req)), guarded.post("/invocations", json=as_json(req))
+    assert guard.status_code == plain.status_code == 200
+    assert guard.content == plain.content
+    assert guarded.get("/ping").status_code == 200 and guarded.get("/version").text == http.get("/version").text
+
+
+def _asgi_post(headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple[list[dict], list[int], list[int]]:
+    """Drive the guard by hand: ``(messages sent, chunk indices read, calls of the inner app)``."""
+    import asyncio
+
+    from free.serving_app import RequestGuard
+
+    read, sent, inner = [], [], []
+
+    async def receive() -> dict:
+        read.append(len(read))
+        i = len(read) - 1
+        return {"type": "http.request", "body": chunks[i], "more_body": i < len(chunks) - 1}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001
+        inner.append(1)
+
+    scope = {"type": "http", "path": "/invocations", "method": "POST", "headers": headers}
+    asyncio.run(RequestGuard(app, max_bytes=1000)(scope, receive, send))
+    return sent, read, inner
+
+
+def test_guard_refuses_a_large_content_length_without_reading_the_body() -> None:
+    json_type = (b"content-type", b"application/json")
+    sent, read, inner = _asgi_post([(b"content-length", b"50000000"), json_type], [b"x" * 100] * 10)
+    assert sent[0]["status"] == 413 and read == [] and inner == []
+    assert json.loads(sent[1]["body"])["message"].startswith("the request is 50000000 bytes, over this server's limit")
+
+
+def test_guard_stops_reading_a_chunked_body_at_the_limit() -> None:
+    """No Content-Length (chunked upload): counted as it arrives; the 11th of 100 chunks ends it."""
+    sent, read, inner = _asgi_post([(b"content-type", b"application/json")], [b" " * 100] * 100)
+    assert sent[0]["status"] == 413 and len(read) == 11 and inner == []
+
+
 # ---- free serve request / free serve model ------------------------------------------------------
 
 
@@ -401,7 +521,7 @@ def test_serve_request_writes_a_request_the_served_model_answers(
     assert too_many.exit_code == 1 and "n_way=50 is more than the 5 classes" in too_many.output
 
 
-def test_serve_model_runs_mlflow_models_serve_on_the_tracking_server(
+def test_serve_model_runs_the_guarded_scoring_app_on_the_tracking_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from typer.testing import CliRunner
@@ -426,10 +546,11 @@ def test_serve_model_runs_mlflow_models_serve_on_the_tracking_server(
     result = CliRunner().invoke(app, ["serve", "model", "-p", "5123"])
     assert result.exit_code == 0, result.output
     ((command, env),) = calls
-    assert command[1:] == ["-m", "mlflow", "models", "serve", "-m", "models:/free-meta-learner@champion",
-                           "--env-manager", "local", "-h", "127.0.0.1", "-p", "5123"]  # fmt: skip
+    assert command[1:] == ["-m", "uvicorn", "--factory", "free.serving_app:app_from_env",
+                           "--host", "127.0.0.1", "--port", "5123"]  # fmt: skip
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
-    assert env["PATH"].split(os.pathsep)[0] == str(BIN)  # mlflow starts `uvicorn` from there
+    assert env["FREE_SERVE_MODEL_URI"] == "models:/free-meta-learner@champion"
+    assert env["FREE_SERVE_MAX_BYTES"] == str(32 * 2**20)
 
     # No tracking URI and no local stack: one line that says how to fix it, exit 1, nothing run.
     monkeypatch.delenv("MLFLOW_TRACKING_URI")

@@ -1,7 +1,8 @@
 """``free serve``: serve the registered meta-learner, and write a real request for it.
 
-``free serve model`` runs ``mlflow models serve`` on ``models:/free-meta-learner@champion`` against the
-tracking server ``free.stack.use_running_stack`` finds; ``free serve request`` writes an N-way K-shot
+``free serve model`` serves ``models:/free-meta-learner@champion`` from the tracking server
+``free.stack.use_running_stack`` finds, with MLflow's scoring server behind :mod:`free.serving_app`'s
+guard (request size cap, reason-only errors); ``free serve request`` writes an N-way K-shot
 request JSON from meta-test images (class names as string labels, or class ids), ready for ``curl``.
 
 MLflow and the data modules are imported inside the commands: ``free --help`` stays fast and the
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from free.cli.common import err, out
+from free.serving_app import DEFAULT_MAX_BYTES, MAX_BYTES_ENV, MODEL_URI_ENV
 
 if TYPE_CHECKING:
     import torch
@@ -92,12 +94,17 @@ def model(
     model_uri: Annotated[str, typer.Option("--model", help="Registered model URI (alias or version).")] = DEFAULT_MODEL,
     port: Annotated[int, typer.Option("--port", "-p", help="HTTP port.")] = 5001,
     host: Annotated[str, typer.Option("--host", "-h", help="Interface to listen on.")] = "127.0.0.1",
-    workers: Annotated[int | None, typer.Option(help="Server processes (mlflow's default if unset).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Server processes (uvicorn's default, 1, if unset).")] = None,
+    max_request_mb: Annotated[
+        float, typer.Option("--max-request-mb", min=0.001, help="Larger requests get HTTP 413 before being read.")
+    ] = DEFAULT_MAX_BYTES / 2**20,
 ) -> None:
     """Serve the registered meta-learner: POST a request (see `free serve request`) to /invocations.
 
-    Talks to $MLFLOW_TRACKING_URI, else to the running local stack (`free stack up`); runs
-    `mlflow models serve --env-manager local` from this environment (the model needs the free package)."""
+    Talks to $MLFLOW_TRACKING_URI, else to the running local stack (`free stack up`); runs MLflow's
+    scoring server (what `mlflow models serve --env-manager local` runs) under uvicorn from this
+    environment, behind free.serving_app's guard: a request size cap (413), JSON only, errors with
+    their reason alone."""
     from free.stack import StackError, use_running_stack
 
     try:
@@ -105,13 +112,16 @@ def model(
     except StackError as e:
         err.print(f"[bold red]stack error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-h", host, "-p", str(port)]  # fmt: skip
+    command = [sys.executable, "-m", "uvicorn", "--factory", "free.serving_app:app_from_env",
+               "--host", host, "--port", str(port)]  # fmt: skip
     if workers is not None:
         command += ["--workers", str(workers)]
-    # mlflow starts `uvicorn` by name: this environment's bin/ must be on PATH even when it is not activated.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        MODEL_URI_ENV: model_uri,
+        MAX_BYTES_ENV: str(int(max_request_mb * 2**20)),
+    }
     err.print(f"serving {model_uri} from {tracking_uri} on http://{host}:{port}/invocations", highlight=False)
     raise typer.Exit(_run_server(command, env))
 

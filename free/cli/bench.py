@@ -180,3 +180,29 @@ def bench_tune(
     tune.check_overrides(given, swept)
     result = tune.run(lambda extra: compose_config([*given, *extra]), swept, seeds, progress=bar, say=out.print)
     _bench_done("tune", result, out_file, tune.plot)
+
+
+@bench_app.command("serve-load")
+def bench_serve_load(
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients, each with its own connection.")] = 4,
+    seconds: Annotated[float, typer.Option(min=0.1, help="How long the clients send requests.")] = 30.0,
+    n_way: Annotated[int, typer.Option("--n-way", min=2, help="Classes per request.")] = 5,
+    k_shot: Annotated[int, typer.Option("--k-shot", min=1, help="Support images per class.")] = 1,
+    queries: Annotated[int, typer.Option(min=1, help="Query images per class.")] = 15,
+    distinct: Annotated[int, typer.Option(min=1, help="Different requests, each answered alone first.")] = 16,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="A metalearner.safetensors (card.json beside it); default: a random Conv4.")
+    ] = None,
+    out_file: BenchOut = None,
+) -> None:
+    """Load test of `free serve model`'s server on 127.0.0.1: req/s, p50/p99, errors, mismatches, memory."""
+    from free.bench import serve_load
+    from free.bench.common import write_result
+
+    settings = serve_load.ServeLoadBench(clients, seconds, n_way, k_shot, queries, distinct)
+    result = serve_load.run(settings, checkpoint, say=lambda m: out.print(m, highlight=False))
+    path = write_result("serve_load", result, out_file, _bench_command())
+    out.print(serve_load.render(result), highlight=False, markup=False)
+    out.print(f"wrote {path}", highlight=False)
+    if result["errors"] or result["mismatches"] or not result["server_stopped"]:
+        raise typer.Exit(1)

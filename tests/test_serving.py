@@ -395,27 +395,29 @@ def _assert_reason_only(response, status: int, reason: str) -> None:
 GOOD_BODY = json.dumps(as_json(GOOD))
 
 
+GUARD_CASES = [
+    ("deep JSON", "[" * 100_000 + "]" * 100_000, "application/json", 400,
+     "the JSON is nested too deeply (100000 levels, at most 32)"),
+    ("deep inputs", '{"inputs": {"support_images": ' + "[" * 31 + "]" * 31 + ', "x": "[[[[[[[[[[[[[[[[[[[["}}',
+     "application/json", 400, "the JSON is nested too deeply (33 levels, at most 32)"),
+    ("brackets in strings", json.dumps(as_json({**GOOD, "support_labels": ["[" * 40, "{" * 40, "]]"]})),
+     "application/json", 200, ""),
+    ("invalid JSON", GOOD_BODY[:-9], "application/json", 400, "the body is not valid JSON (Expecting"),
+    ("not UTF-8", b'{"inputs": "\xff"}', "application/json", 400, "the body is not UTF-8 text"),
+    ("missing input", json.dumps(as_json({k: v for k, v in GOOD.items() if k != "support_labels"})),
+     "application/json", 400, "Model is missing inputs ['support_labels']"),
+    ("CSV", "a,b\n1,2\n", "text/csv", 415, "send the request as JSON (Content-Type: application/json)"),
+    ("1e38", json.dumps(as_json({**GOOD, "query_images": np.full((2, 1, 28, 28), 1e38).tolist()})),
+     "application/json", 400, "query_images must be intensities in [0, 1] (pixels / 255), got 1e+38"),
+    ("one class", json.dumps(as_json({**GOOD, "support_labels": ["a", "a", "a"]})), "application/json", 400,
+     "the support set has 1 class ('a')"),
+    ("too large", json.dumps(as_json(request(5, 5, 20, list("abcde"), seed=1))), "application/json", 413,
+     "the request is "),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("name", "body", "content_type", "status", "reason"),
-    [
-        ("deep JSON", "[" * 100_000 + "]" * 100_000, "application/json", 400,
-         "the JSON is nested too deeply (100000 levels, at most 32)"),
-        ("deep inputs", '{"inputs": {"support_images": ' + "[" * 31 + "]" * 31 + ', "x": "[[[[[[[[[[[[[[[[[[[["}}',
-         "application/json", 400, "the JSON is nested too deeply (33 levels, at most 32)"),
-        ("brackets in strings", json.dumps(as_json({**GOOD, "support_labels": ["[" * 40, "{" * 40, "]]"]})),
-         "application/json", 200, ""),
-        ("invalid JSON", GOOD_BODY[:-9], "application/json", 400, "the body is not valid JSON (Expecting"),
-        ("not UTF-8", b'{"inputs": "\xff"}', "application/json", 400, "the body is not UTF-8 text"),
-        ("missing input", json.dumps(as_json({k: v for k, v in GOOD.items() if k != "support_labels"})),
-         "application/json", 400, "Model is missing inputs ['support_labels']"),
-        ("CSV", "a,b\n1,2\n", "text/csv", 415, "send the request as JSON (Content-Type: application/json)"),
-        ("1e38", json.dumps(as_json({**GOOD, "query_images": np.full((2, 1, 28, 28), 1e38).tolist()})),
-         "application/json", 400, "query_images must be intensities in [0, 1] (pixels / 255), got 1e+38"),
-        ("one class", json.dumps(as_json({**GOOD, "support_labels": ["a", "a", "a"]})), "application/json", 400,
-         "the support set has 1 class ('a')"),
-        ("too large", json.dumps(as_json(request(5, 5, 20, list("abcde"), seed=1))), "application/json", 413,
-         "the request is "),
-    ],
+    ("name", "body", "content_type", "status", "reason"), GUARD_CASES, ids=[c[0] for c in GUARD_CASES]
 )  # fmt: skip
 def test_guard_refuses_with_the_reason_only(
     http, guarded, name: str, body: str | bytes, content_type: str, status: int, reason: str

@@ -93,6 +93,84 @@ def test_first_reaching_reports_the_first_step_that_meets_the_target() -> None:
     assert recovery.first_reaching(rows, lambda r: r["quality"] <= -1.0)["seconds"] == math.inf
 
 
+def _rows(qualities: list[float], accs: list[float], dt: float) -> list[dict[str, float]]:
+    """Probed rows of a synthetic recovery: ``dt`` seconds per step."""
+    return [
+        {"step": i, "seconds": dt * i, "quality": q, "ce": q, "bn": 0.0, "teacher_acc": a}
+        for i, (q, a) in enumerate(zip(qualities, accs, strict=True))
+    ]
+
+
+def _stopped(rows: list[dict[str, float]], standard: int, target: float) -> list[dict[str, float]]:
+    """The rows a run to ``target`` would have probed: QualityProbe's stop rule, written out."""
+    for i, row in enumerate(rows):
+        best = min(r["quality"] for r in rows[: i + 1])
+        accurate = max(r["teacher_acc"] for r in rows[: i + 1]) >= 0.95
+        if row["step"] >= standard and best <= target and accurate:
+            return rows[: i + 1]
+    return rows  # never: it ran to max_steps
+
+
+def test_every_snapshots_speedups_from_one_long_baseline_run_equal_separate_runs_to_its_target() -> None:
+    max_steps, standard, k = 60, 10, 2
+    snapshots = {0: 1.0, 5: 0.5, 10: 0.3}  # meta-iterations -> the meta-generator's loss after K steps
+    acc = [min(1.0, i / 30) for i in range(max_steps + 1)]  # 95% at step 29
+    floors = {(0, 0): 0.1, (0, 1): 0.6, (1, 0): 0.4, (1, 1): 0.2}  # where each scratch run levels off
+    raw, separate = [], {it: [] for it in snapshots}
+    for (teacher, seed), floor in floors.items():
+        scratch = _rows([floor + (2 - floor) * 0.9**i for i in range(max_steps + 1)], acc, 0.1)
+        pixels = _rows([0.05 + 1.5 * 0.95**i for i in range(max_steps + 1)], acc, 0.01)
+        metas = {
+            it: {"standard_steps": k, "curve": _rows([3.0, 2.0, q, q], [0.5, 0.9, 0.96 - it / 100, 0.97], 0.1)}
+            for it, q in snapshots.items()
+        }
+        hardest = min(snapshots.values())
+        raw.append(
+            {
+                "teacher": teacher,
+                "seed": seed,
+                "target_quality": dict(snapshots),
+                "meta": metas,
+                "scratch": {"standard_steps": standard, "curve": _stopped(scratch, standard, hardest)},
+                "pixels": {"standard_steps": standard, "curve": _stopped(pixels, standard, hardest)},
+            }
+        )
+        for it, target in snapshots.items():  # the naive way: one baseline run per snapshot target
+            record = {"teacher": teacher, "meta": recovery._measure(metas[it], target, True)}
+            for method, rows in (("scratch", scratch), ("pixels", pixels)):
+                run_ = {"standard_steps": standard, "curve": _stopped(rows, standard, target)}
+                record[method] = recovery._measure(run_, target, False)
+            separate[it].append(record)
+
+    curve = recovery._curve(raw, snapshots)
+    assert [e["iterations"] for e in curve] == [0, 5, 10]
+    for entry in curve:
+        expected = recovery._speedups(recovery._summarise(separate[entry["iterations"]]))
+        for key, value in expected.items():
+            assert value == pytest.approx(entry[key], nan_ok=True), (entry["iterations"], key)
+    # Snapshot 5: teacher 0's second seed never gets to 0.5, so its median is a lower bound; the long
+    # run of its first seed went on to 0.3, the separate one stopped at 0.5: the bound must not see it.
+    assert curve[1]["speedup_vs_scratch_is_lower_bound"] and not curve[0]["speedup_vs_scratch_is_lower_bound"]
+    assert curve[2]["meta_quality_after_k"] == 0.3 and curve[2]["meta_teacher_acc_after_k"] == pytest.approx(0.86)
+
+
+def test_snapshots_default_to_five_spread_points_and_must_lie_in_the_run() -> None:
+    assert recovery.default_snapshots(60) == (0, 15, 30, 45, 60)
+    assert recovery.default_snapshots(2) == (0, 1, 2)
+    assert recovery.snapshot_iterations(None, 100) == (0, 25, 50, 75, 100)
+    assert recovery.snapshot_iterations([20, 0, 20], 60) == (0, 20, 60)  # the last one always measured
+    with pytest.raises(ValueError, match=r"--snapshots .* 0\.\.60 \(metalearn.iterations\), got \[61\]"):
+        recovery.snapshot_iterations([0, 61], 60)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"), [("ten", "comma-separated meta-iteration counts"), ("0,5", "metalearn.iterations")]
+)
+def test_bench_recovery_rejects_bad_snapshots(given: str, message: str) -> None:
+    result = runner.invoke(app, ["bench", "recovery", *TINY, "--snapshots", given])
+    assert result.exit_code == 2 and "--snapshots" in result.output and message in result.output, result.output
+
+
 class FakeClock:
     """A clock that moves 1 s per reading, plus whatever a test adds: no wall time involved."""
 
@@ -160,8 +238,16 @@ def test_bench_recovery_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> 
     args = [f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={tmp_path / 'work'}"]
     _invoke(
         ["bench", "recovery", *TINY, *args, "--seeds", "1", "--heldout", "1", "--max-steps", "6", "--out", str(out)]
+        + ["--snapshots", "0,1"]
     )
     result = json.loads(out.read_text())
+    curve = result["curve"]
+    assert [e["iterations"] for e in curve] == [0, 1, 2] == result["snapshots"]  # the last always measured
+    # Copies, not references to the weights the outer update changes in place: those would all be equal.
+    shifts = [e["generator_shift"] for e in curve]
+    assert shifts[0] == 0.0 and shifts[1] > 0 and shifts[2] > 0 and shifts[1] != shifts[2]
+    top = {k: v for k, v in curve[-1].items() if k.startswith("speedup")}
+    assert top == {k: result[k] for k in top}  # the top-level numbers are the last snapshot's
     for key in ("speedup_vs_scratch", "speedup_vs_pixels", "targets", "downstream", "machine", "versions", "config"):
         assert key in result, key
     assert result["teachers"] == {"seen": 2, "heldout": 1}

@@ -24,12 +24,21 @@ teacher's accuracy on it. Three targets:
 Meta-training uses only the zoo's first ``n - heldout`` teachers, so (a) and (b) measure teachers
 the meta-generator never saw. Work files go under ``paths.artifacts_dir`` (the CLI points it at
 ``benchmarks/work/recovery``), so the pipeline's own artifacts are not touched.
+
+*Curve over meta-training* (``curve``): the meta-generator's weights are copied at a few
+meta-iteration counts (``snapshots``; 0 is the untrained initialisation, a sanity point whose
+speed-up should be about 1 or below) during the one FREE meta-training, and (a) and (b) are measured
+for each copy. The baselines do not depend on the snapshot: each (teacher, seed) runs once, until it
+meets the hardest of the snapshots' targets (or ``max_steps``), and every snapshot's times are read
+off that one curve - a run to an easier target, same seed, is a prefix of it. The top-level numbers
+are the last snapshot's: the fully meta-trained generator.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +78,26 @@ class RecoveryBench:
     heldout: int = 2  # the zoo's last teachers, never seen in meta-training
     max_steps: int = 1000  # cap for every method when a target is not reached
     downstream: bool = True  # target (c): meta-train scratch/pixels for FREE's wall time and meta-test
+    snapshots: tuple[int, ...] | None = None  # meta-iterations whose generator is measured; None: default_snapshots
+
+
+def default_snapshots(iterations: int, points: int = 5) -> tuple[int, ...]:
+    """About ``points`` meta-iteration counts spread evenly over ``0..iterations``, both ends included."""
+    return tuple(sorted({round(i * iterations / (points - 1)) for i in range(points)}))
+
+
+def snapshot_iterations(requested: Iterable[int] | None, iterations: int) -> tuple[int, ...]:
+    """The meta-iterations to measure: ``requested`` (each in ``0..iterations``) or the default spread.
+    The last iteration is always measured, so the top-level numbers are the fully trained generator's."""
+    if requested is None:
+        return default_snapshots(iterations)
+    requested = list(requested)
+    bad = [s for s in requested if not 0 <= s <= iterations]
+    if bad:
+        raise ValueError(
+            f"--snapshots must be meta-iteration counts in 0..{iterations} (metalearn.iterations), got {bad}"
+        )
+    return tuple(sorted({*requested, iterations}))
 
 
 class QualityProbe:
@@ -131,9 +160,10 @@ def run(
     if not 1 <= bench.heldout < len(zoo):
         raise ValueError(f"--heldout {bench.heldout} must be in 1..{len(zoo) - 1} (teachers.n_teachers={len(zoo)})")
     seen, heldout = zoo[: -bench.heldout], zoo[-bench.heldout :]
+    snapshots = snapshot_iterations(bench.snapshots, cfg.metalearn.iterations)
 
     say(f"meta-training FREE on {len(seen)} teachers ({cfg.metalearn.iterations} iterations)")
-    free_loop, free_result = _meta_train(cfg, device, seen, None, progress)
+    free_loop, free_result, kept = _meta_train(cfg, device, seen, None, progress, snapshots)
     downstream = {"free": free_result}
     if bench.downstream:
         budget = free_result["seconds"]
@@ -141,7 +171,12 @@ def run(
             say(f"meta-training with {method} recovery for the same wall time ({budget:.1f} s)")
             downstream[method] = _meta_train(configs(method), device, seen, budget, progress)[1]
 
-    records = _recover_heldout(cfg, device, heldout, len(seen), free_loop.meta_generator, bench, progress)
+    generators = {it: _generator_at(free_loop.meta_generator, state) for it, state in kept.items()}
+    raw = _recover_heldout(cfg, device, heldout, len(seen), generators, bench, progress)
+    curve = _curve(raw, snapshots)
+    for entry in curve:  # how far meta-training has moved the initialisation (0 at snapshot 0)
+        entry["generator_shift"] = _distance(kept[entry["iterations"]], kept[snapshots[0]])
+    records = _records_at(raw, snapshots[-1])
     summary = _summarise(records)
     result: dict[str, Any] = {
         "definition": {
@@ -152,13 +187,20 @@ def run(
             "teacher_acc": "teacher accuracy on the current batch without augmentation",
             "downstream": "meta-test accuracy after meta-training for FREE's wall time (steps only, validation "
             "excluded), best meta-val checkpoint",
+            "lower_bound": "where the median never reached target (a), the median of the time to the target or, "
+            "where not reached, the time run instead",
+            "curve": "targets (a) and (b) with the meta-generator's weights after each number of meta-iterations "
+            "(snapshots of the one FREE meta-training); the top-level numbers are the last snapshot's. "
+            "generator_shift: L2 distance of the weights from the first snapshot's",
         },
         "bench": asdict(bench),
         "inner_steps": cfg.inversion.inner_steps,
         "scratch_steps": cfg.inversion.scratch_steps,
         "teachers": {"seen": len(seen), "heldout": len(heldout)},
+        "snapshots": list(snapshots),
         **_speedups(summary),
         "targets": summary,
+        "curve": curve,
         "downstream": downstream if bench.downstream else None,
         "recoveries": records,
         "config": to_yaml(cfg),
@@ -167,20 +209,38 @@ def run(
 
 
 def _meta_train(
-    cfg: Config, device: torch.device, zoo: list, budget: float | None, progress: Progress | None
-) -> tuple[Any, dict[str, Any]]:
+    cfg: Config,
+    device: torch.device,
+    zoo: list,
+    budget: float | None,
+    progress: Progress | None,
+    snapshots: Collection[int] = (),
+) -> tuple[Any, dict[str, Any], dict[int, dict[str, torch.Tensor]]]:
     """Meta-train for ``metalearn.iterations`` (``budget=None``) or ``budget`` seconds of steps,
-    validating on meta-val as often as the stage does; meta-test the best initialisation."""
+    validating on meta-val as often as the stage does; meta-test the best initialisation.
+
+    Also returns a copy of the meta-generator's weights after each iteration count in ``snapshots``
+    (``budget=None`` only; taken outside the timed steps)."""
     from free.stages.metatrain import MetaTrainLoop
 
     ml = cfg.metalearn
     loop = MetaTrainLoop(cfg, device, zoo)
     checks = max(1, ml.iterations // ml.val_every)  # validations per run, as in the stage
     spent = 0.0
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep() -> None:  # clones: the outer update changes the weights in place
+        if loop.iteration in snapshots:
+            kept[loop.iteration] = {
+                k: v.detach().clone() for k, v in loop.meta_generator.generator.state_dict().items()
+            }
+
     if budget is None:
+        keep()
         ticks = progress(range(ml.iterations), f"meta-train {cfg.method.name}", ml.iterations) if progress else None
         for it in ticks or range(ml.iterations):
             spent += timed(loop.step, device)[1]
+            keep()
             if (it + 1) % ml.val_every == 0 or it + 1 == ml.iterations:
                 loop.validate()
     else:  # the same number of validations, spread evenly over the budget
@@ -207,7 +267,20 @@ def _meta_train(
         "best_iteration": loop.best_iteration,
         **{k: {"acc": v["acc"], "ci95": v["ci95"]} for k, v in tested.items() if isinstance(v, dict)},
     }
-    return loop, result
+    return loop, result, kept
+
+
+def _generator_at(trained: MetaGenerator, state: dict[str, torch.Tensor]) -> MetaGenerator:
+    """A meta-generator with ``trained``'s settings and the snapshot's weights (never outer-stepped here)."""
+    generator = copy.deepcopy(trained.generator)
+    generator.load_state_dict(state)
+    return MetaGenerator(generator, 0.0, outer_update=trained.outer_update)
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """L2 distance between two state dicts' floating-point entries."""
+    squares = [(a[k].double() - b[k].double()).pow(2).sum() for k in a if a[k].is_floating_point()]
+    return torch.stack(squares).sum().sqrt().item()
 
 
 def _recover_heldout(
@@ -215,16 +288,27 @@ def _recover_heldout(
     device: torch.device,
     heldout: list,
     first_id: int,
-    meta_generator: MetaGenerator,
+    generators: dict[int, MetaGenerator],
     bench: RecoveryBench,
     progress: Progress | None,
 ) -> list[dict[str, Any]]:
-    """Every (held-out teacher, seed): the meta-generator first (it sets target (a)), then the baselines."""
+    """Every (held-out teacher, seed): the meta-generator at every snapshot first (each sets its target
+    (a)), then each baseline once, until it meets the hardest of those targets (or ``max_steps``).
+
+    Returns raw runs, ``{"teacher", "seed", "target_quality": {iteration: target}, "meta": {iteration:
+    run}, "scratch": run, "pixels": run}`` with ``run = {"standard_steps", "curve": probed rows}``;
+    :func:`_records_at` measures them for one snapshot."""
     inv, ds = cfg.inversion, cfg.dataset
     weights = LossWeights(inv.loss.ce, inv.loss.bn, inv.loss.tv, 0.0)  # no student here: no adversarial term
 
     def recover(
-        method: str, teacher: nn.Module, n_way: int, seed: int, target: float | None, cap: int | None = None
+        method: str,
+        teacher: nn.Module,
+        n_way: int,
+        seed: int,
+        target: float | None,
+        cap: int | None = None,
+        generator: MetaGenerator | None = None,
     ) -> dict[str, Any]:
         standard = inv.inner_steps if method == "meta" else inv.scratch_steps
         lr = inv.pixels_lr if method == "pixels" else inv.inner_lr
@@ -232,11 +316,11 @@ def _recover_heldout(
         settings = InversionSettings(steps, lr, tuple(inv.betas), weights, inv.augment)
         y = intended_labels(n_way, inv.images_per_class, device=device)
         probe = QualityProbe(teacher, y, weights, standard, target)
-        rng = torch.Generator().manual_seed(seed)
+        rng = torch.Generator().manual_seed(seed)  # the same for every snapshot and method: like with like
         per_class = inv.images_per_class
         synchronize(device)
         if method == "meta":  # the recovered images are not needed: the probe has measured them
-            meta_generator.recover(teacher, n_way, per_class, settings, rng, probe=probe)
+            generator.recover(teacher, n_way, per_class, settings, rng, probe=probe)
         elif method == "scratch":
             recover_from_scratch(
                 teacher, ds.image_size, ds.channels, inv.latent_dim, n_way, per_class, settings, rng, probe=probe
@@ -247,24 +331,54 @@ def _recover_heldout(
 
     # One untimed warm-up per method: first calls pay for allocations and lazy initialisation.
     warm_teacher, warm_meta = heldout[0]
+    last = generators[max(generators)]
     for method in METHODS:
-        recover(method, warm_teacher, warm_meta["n_classes"], 10**6, None, cap=3)
+        recover(method, warm_teacher, warm_meta["n_classes"], 10**6, None, cap=3, generator=last)
 
     pairs = [(t, s) for t in range(len(heldout)) for s in range(bench.seeds)]
-    records = []
+    raw = []
     for t, s in progress(pairs, "recovery (held-out teachers x seeds)", len(pairs)) if progress else pairs:
         teacher, meta = heldout[t]
-        seed = cfg.seed * 1000 + s
-        record: dict[str, Any] = {"teacher": first_id + t, "seed": seed}
-        runs = {"meta": recover("meta", teacher, meta["n_classes"], seed, None)}
-        target = runs["meta"]["curve"][inv.inner_steps]["quality"]
+        n_way, seed = meta["n_classes"], cfg.seed * 1000 + s
+        metas = {it: recover("meta", teacher, n_way, seed, None, generator=g) for it, g in generators.items()}
+        targets = {it: run_["curve"][inv.inner_steps]["quality"] for it, run_ in metas.items()}
+        record: dict[str, Any] = {"teacher": first_id + t, "seed": seed, "target_quality": targets, "meta": metas}
         for method in ("scratch", "pixels"):
-            runs[method] = recover(method, teacher, meta["n_classes"], seed, target)
-        record["target_quality"] = target
-        for method, run_ in runs.items():
-            record[method] = _measure(run_, target, method == "meta")
+            record[method] = recover(method, teacher, n_way, seed, min(targets.values()))
+        raw.append(record)
+    return raw
+
+
+def _records_at(raw: list[dict[str, Any]], iteration: int) -> list[dict[str, Any]]:
+    """The raw runs measured against one snapshot's targets: one record per (teacher, seed)."""
+    records = []
+    for r in raw:
+        target = r["target_quality"][iteration]
+        record: dict[str, Any] = {"teacher": r["teacher"], "seed": r["seed"], "target_quality": target}
+        record["meta"] = _measure(r["meta"][iteration], target, True)
+        for method in ("scratch", "pixels"):
+            record[method] = _measure(r[method], target, False)
         records.append(record)
     return records
+
+
+def _curve(raw: list[dict[str, Any]], snapshots: Iterable[int]) -> list[dict[str, Any]]:
+    """Per snapshot: the speed-ups, and the meta-generator's quality and teacher accuracy after K steps
+    (median over teachers of the median over seeds)."""
+    curve = []
+    for iteration in snapshots:
+        summary = _summarise(_records_at(raw, iteration))
+        after_k = summary["meta"]["at_standard_budget"]
+        curve.append(
+            {
+                "iterations": iteration,
+                **_speedups(summary),
+                "meta_quality_after_k": after_k["quality"],
+                "meta_teacher_acc_after_k": after_k["teacher_acc"],
+                "targets": summary,
+            }
+        )
+    return curve
 
 
 def _measure(run_: dict[str, Any], target: float, is_meta: bool) -> dict[str, Any]:
@@ -303,6 +417,7 @@ def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         for target in ("quality_target", *(f"acc{round(t * 100)}" for t in ACCURACY_TARGETS)):
             entry[target] = {
                 "seconds": med(method, lambda m, target=target: m[target]["seconds"]),
+                "seconds_at_least": med(method, lambda m, target=target: _censored(m, target)),
                 "steps": med(method, lambda m, target=target: m[target]["steps"]),
                 "reached": sum(math.isfinite(r[method][target]["seconds"]) for r in records),
                 "of": len(records),
@@ -316,14 +431,26 @@ def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _censored(measured: dict[str, Any], target: str) -> float:
+    """Seconds to ``target``, or the seconds run where it was not reached (at most the true time)."""
+    seconds = measured[target]["seconds"]
+    return seconds if math.isfinite(seconds) else measured["curve"][-1][0]
+
+
 def _speedups(summary: dict[str, Any]) -> dict[str, Any]:
-    """Target (a) ratios; a baseline whose median never reached the target gives a lower bound."""
+    """Target (a) ratios; a baseline whose median never reached the target gives a lower bound.
+
+    The bound's numerator is the median of the censored times (:func:`_censored`): each is at most
+    the true time, so their median is at most the true median. It depends only on where a run reached
+    the target or gave up (``max_steps``), not on how long a run went on after reaching it - which is
+    what lets every snapshot's bound be read off one long baseline run."""
     meta_seconds = summary["meta"]["quality_target"]["seconds"]
     out: dict[str, Any] = {}
     for method in ("scratch", "pixels"):
         seconds = summary[method]["quality_target"]["seconds"]
         bound = not math.isfinite(seconds)
-        out[f"speedup_vs_{method}"] = (summary[method]["seconds_run"] if bound else seconds) / meta_seconds
+        at_least = summary[method]["quality_target"]["seconds_at_least"]
+        out[f"speedup_vs_{method}"] = (at_least if bound else seconds) / meta_seconds
         out[f"speedup_vs_{method}_is_lower_bound"] = bound
         out[f"speedup_acc90_vs_{method}"] = summary[method]["acc90"]["seconds"] / summary["meta"]["acc90"]["seconds"]
         out[f"speedup_acc95_vs_{method}"] = summary[method]["acc95"]["seconds"] / summary["meta"]["acc95"]["seconds"]
@@ -331,10 +458,12 @@ def _speedups(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], json_path: Path) -> Path:
-    """Quality and teacher accuracy against wall time per method; downstream accuracy bars."""
+    """Quality and teacher accuracy against wall time per method; downstream accuracy bars; speed-up
+    against meta-iterations (results without a curve, from before it existed, plot without it)."""
     plt = pyplot()
     colours = {"meta": "tab:green", "scratch": "tab:red", "pixels": "tab:blue"}
-    panels = 3 if result.get("downstream") else 2
+    down, over_training = result.get("downstream"), result.get("curve")
+    panels = 2 + bool(down) + bool(over_training)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
     for record in result["recoveries"]:
         for method in METHODS:
@@ -354,8 +483,7 @@ def plot(result: dict[str, Any], json_path: Path) -> Path:
         axes[1].axhline(thr, color="grey", ls=":", lw=1)
     axes[1].set(xscale="log", xlabel="wall time (s)", ylabel="teacher accuracy", title="(b) teacher accuracy")
     axes[1].legend(fontsize=7)
-    if panels == 3:
-        down = result["downstream"]
+    if down:
         names = list(down)
         settings = [k for k in down["free"] if k.endswith("shot")]
         for i, key in enumerate(settings):
@@ -366,4 +494,25 @@ def plot(result: dict[str, Any], json_path: Path) -> Path:
         axes[2].set_xticks([j + 0.19 for j in range(len(names))], names)
         axes[2].set(ylabel="meta-test accuracy", title=f"(c) equal wall time ({down['free']['seconds']:.0f} s)")
         axes[2].legend(fontsize=7)
+    if over_training:
+        _plot_curve(axes[-1], over_training, colours)
     return savefig(fig, json_path)
+
+
+def _plot_curve(ax: Any, curve: list[dict[str, Any]], colours: dict[str, str]) -> None:
+    """Target (a) speed-up against the meta-generator's meta-iterations; hollow markers: lower bounds."""
+    iterations = [e["iterations"] for e in curve]
+    for method in ("scratch", "pixels"):
+        values = [e[f"speedup_vs_{method}"] for e in curve]
+        ax.plot(iterations, values, color=colours[method], marker="o", label=f"vs {method}")
+        bounds = [
+            (i, v)
+            for i, v, e in zip(iterations, values, curve, strict=True)
+            if e[f"speedup_vs_{method}_is_lower_bound"]
+        ]
+        if bounds:
+            ax.scatter(*zip(*bounds, strict=True), s=80, facecolors="none", edgecolors=colours[method])
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="equal speed")
+    ax.set(xlabel="meta-iterations of the meta-generator", ylabel="speed-up at equal quality (a)")
+    ax.set_title("(a) speed-up vs meta-training")
+    ax.legend(fontsize=7)

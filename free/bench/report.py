@@ -42,6 +42,8 @@ def recovery(result: dict[str, Any]) -> str:
         f"to 90% teacher accuracy: {_num(result['speedup_acc90_vs_scratch'])}× vs scratch, "
         f"{_num(result['speedup_acc90_vs_pixels'])}× vs pixels.",
     ]
+    if result.get("curve"):  # results from before the curve existed render as they did
+        lines += ["", *_recovery_curve(result["curve"])]
     down = result.get("downstream")
     if down:
         settings = [k for k in down["free"] if k.endswith("shot")]
@@ -54,6 +56,28 @@ def recovery(result: dict[str, Any]) -> str:
             cells = " | ".join(_pct(row[k]) for k in settings)
             lines.append(f"| {name} | {row['iterations']} | {row['seconds']:.0f} | {cells} |")
     return "\n".join(lines)
+
+
+def _recovery_curve(curve: list[dict[str, Any]]) -> list[str]:
+    """Speed-ups against the meta-generator's meta-iterations (≥: a lower bound, the baseline mostly
+    never reached the target; —: a ratio with a target not reached)."""
+
+    def times(value: float | None, bound: bool = False) -> str:
+        return "—" if value is None or not math.isfinite(value) else f"{'≥ ' if bound else ''}{value:.2f}×"
+
+    lines = [
+        "| meta-iterations | (a) vs scratch | (a) vs pixels | 90% vs scratch | 90% vs pixels "
+        "| meta loss after K | meta teacher acc after K |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in curve:
+        a = [times(e[f"speedup_vs_{m}"], e[f"speedup_vs_{m}_is_lower_bound"]) for m in ("scratch", "pixels")]
+        b = [times(e[f"speedup_acc90_vs_{m}"]) for m in ("scratch", "pixels")]
+        lines.append(
+            f"| {e['iterations']} | {' | '.join(a + b)} | {_num(e['meta_quality_after_k'], 3)} | "
+            f"{_num(e['meta_teacher_acc_after_k'])} |"
+        )
+    return lines
 
 
 def accuracy(result: dict[str, Any]) -> str:

@@ -58,19 +58,44 @@ def bench_recovery(
     downstream: Annotated[
         bool, typer.Option(help="Target (c): meta-train every method for FREE's wall time and meta-test.")
     ] = True,
+    snapshots: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated meta-iteration counts (0..metalearn.iterations) at which the meta-generator "
+            "is measured: the speed-up curve over meta-training. Default: 5 spread over 0..iterations; "
+            "the last iteration is always measured."
+        ),
+    ] = "",
     out_file: BenchOut = None,
 ) -> None:
-    """Meta-generator vs from-scratch generator vs pixels on unseen teachers: speed-up at equal quality."""
+    """Meta-generator vs from-scratch generator vs pixels on unseen teachers: speed-up at equal quality,
+    and its curve over the meta-generator's meta-iterations."""
     from free.bench import recovery
 
-    settings = recovery.RecoveryBench(seeds, heldout, max_steps, downstream)
     given = _bench_overrides(overrides, "recovery")
 
     def configs(method: str):
         return compose_config([*given, f"method={method}"])
 
+    iterations = configs("free").metalearn.iterations
+    try:
+        chosen = recovery.snapshot_iterations(_snapshot_list(snapshots) if snapshots.strip() else None, iterations)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--snapshots") from None
+    settings = recovery.RecoveryBench(seeds, heldout, max_steps, downstream, chosen)
+
     result = recovery.run(configs, settings, progress=bar, say=out.print)
     _bench_done("recovery", result, out_file, recovery.plot)
+
+
+def _snapshot_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise typer.BadParameter(f"takes comma-separated meta-iteration counts, got {text!r}", param_hint="--snapshots")
+    return values
 
 
 @bench_app.command("accuracy")

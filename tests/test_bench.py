@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from free import inversion
-from free.bench import recovery
+from free.bench import accuracy, recovery
 from free.bench.common import PeakMemory, median, write_result
 from free.cli import app
 from free.inversion import InversionSettings, LossWeights, recover_pixels
@@ -261,20 +262,160 @@ def test_bench_recovery_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> 
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_equal_time_iterations_are_as_many_scratch_iterations_as_fit_in_free_seconds() -> None:
+    # scratch: 8 s over 4 iterations = 2 s each. FREE took 11 s: 5 fit (10 s), a 6th would not.
+    assert accuracy.equal_time_iterations(11.0, 8.0, 4) == 5
+    assert accuracy.equal_time_iterations(6.0, 6.0, 3) == 3  # exactly 3 x 2 s: all 3 fit
+    assert accuracy.equal_time_iterations(0.5, 8.0, 4) == 1  # not even one fits: still one
+    with pytest.raises(ValueError, match="scratch row must meta-train"):
+        accuracy.equal_time_iterations(5.0, 0.0, 0)
+    # validate about as often: 20 iterations / every 10 = twice; 6 iterations -> every 3 = twice
+    assert accuracy.scaled_val_every(10, 20, 6) == 3
+    assert accuracy.scaled_val_every(1, 4, 1) == 1 and accuracy.scaled_val_every(10, 20, 1) == 1
+
+
+def test_q_query_is_lowered_for_a_learner_whose_task_does_not_fit_a_bank_slot() -> None:
+    assert accuracy.fit_q_query(1, 5, 6) == 5  # 1 + 5 fits 6
+    assert accuracy.fit_q_query(5, 5, 6) == 1  # 5 + 5 does not: 5 + 1 does
+    with pytest.raises(ValueError, match=r"metalearn\.k_shot \+ metalearn\.q_query.*taskcache\.images_per_slot=5"):
+        accuracy.fit_q_query(5, 5, 5)  # not even one query image fits
+
+
+def test_rows_are_chosen_in_table_order_with_what_equal_time_needs() -> None:
+    assert accuracy.select_rows(None)[0] == list(accuracy.ROWS)
+    assert accuracy.select_rows(["random_init", "scratch_equal_time"]) == (
+        ["free", "scratch", "scratch_equal_time", "random_init"],
+        ["free", "scratch"],
+    )
+    with pytest.raises(ValueError, match="known: free, free_noalign, free_official"):
+        accuracy.select_rows(["free", "bogus"])
+
+
+def test_bench_accuracy_rejects_an_unknown_row() -> None:
+    result = runner.invoke(app, ["bench", "accuracy", "--rows", "free,bogus"])
+    assert result.exit_code == 2 and "bogus" in result.output and "scratch_equal_time" in result.output
+
+
+def _learners(shift: float, episodes: dict[int, list[float]], base_only: bool = False) -> dict[int, dict]:
+    """A row's learners for shots 1 and 5: the k-shot learner's episodes at k; the 1-shot learner at 5 shots
+    gets its own (lower) episodes, so a column taken from the wrong learner shows."""
+    one = {"5way_1shot": [a + shift for a in episodes[1]], "5way_5shot": [a + shift - 0.3 for a in episodes[5]]}
+    if base_only:
+        return {1: {"episodes": one, "iterations": 0}}
+    five = {"5way_5shot": [a + shift for a in episodes[5]]}
+    return {1: {"episodes": one, "iterations": 2}, 5: {"episodes": five, "iterations": 2}}
+
+
+def test_table_columns_best_baseline_and_paired_differences_match_a_hand_computation() -> None:
+    seeds = [{1: [0.2, 0.4, 0.6], 5: [0.5, 0.6, 0.7]}, {1: [0.3, 0.3, 0.9], 5: [0.4, 0.8, 0.9]}]
+    # Per-seed, per-episode offsets, so that the paired differences are not constants.
+    shifts = {
+        "free": [0.10, 0.12],
+        "free_official": [0.05, 0.01],
+        "scratch": [0.00, 0.02],
+        "scratch_equal_time": [0.03, 0.00],
+        "pixels": [0.04, 0.05],
+        "random_init": [-0.1, -0.1],
+    }
+    runs = {}
+    for key, per_seed in shifts.items():
+        records = []
+        for s, episodes in enumerate(seeds):
+            learners = _learners(per_seed[s], episodes, base_only=key == "random_init")
+            if key == "scratch_equal_time":  # 5 shots: equal-time scratch is the better baseline
+                learners[5]["episodes"]["5way_5shot"] = [a + 0.2 for a in learners[5]["episodes"]["5way_5shot"]]
+            records.append(accuracy.seed_record(learners, [1, 5], 1, 5))
+        runs[key] = records
+    assert runs["free"][0]["columns"] == {
+        "5way_1shot": pytest.approx([0.3, 0.5, 0.7]),
+        "5way_5shot": pytest.approx([0.6, 0.7, 0.8]),  # the 5-shot learner
+        "5way_5shot_from_1shot_learner": pytest.approx([0.3, 0.4, 0.5]),  # the 1-shot learner at 5 shots
+    }
+    assert (
+        runs["random_init"][0]["columns"]["5way_5shot"]
+        == runs["random_init"][0]["columns"]["5way_5shot_from_1shot_learner"]
+    )  # one untrained learner fills every column
+    table = accuracy.table(runs)
+
+    def episodes(key: str, column: str) -> list[float]:
+        return [a for record in runs[key] for a in record["columns"][column]]
+
+    def mean_ci(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+
+    # Best data-free baseline by hand: the highest mean among scratch, scratch_equal_time, pixels.
+    means = {
+        c: {k: statistics.fmean(episodes(k, c)) for k in ("scratch", "scratch_equal_time", "pixels")}
+        for c in ("5way_1shot", "5way_5shot", "5way_5shot_from_1shot_learner")
+    }
+    expected_best = {c: max(m, key=m.get) for c, m in means.items()}
+    assert expected_best == {
+        "5way_1shot": "pixels",
+        "5way_5shot": "scratch_equal_time",
+        "5way_5shot_from_1shot_learner": "pixels",
+    }
+    assert table["best_baseline"] == expected_best
+    for key in shifts:
+        for column, best in expected_best.items():
+            cell = table["rows"][key][column]
+            per_seed = [statistics.fmean(r["columns"][column]) for r in runs[key]]
+            assert cell["acc"] == pytest.approx(statistics.fmean(per_seed))
+            assert cell["per_seed"] == pytest.approx(per_seed)
+            assert cell["ci95"] == pytest.approx(mean_ci(episodes(key, column))[1])
+            if key == "free":
+                assert cell["paired_vs_free"] is None
+            else:
+                diffs = [a - b for a, b in zip(episodes(key, column), episodes("free", column), strict=True)]
+                assert (cell["paired_vs_free"]["acc"], cell["paired_vs_free"]["ci95"]) == pytest.approx(mean_ci(diffs))
+            if key in ("free", "free_official"):
+                diffs = [a - b for a, b in zip(episodes(key, column), episodes(best, column), strict=True)]
+                vs_best = cell["paired_vs_best_baseline"]
+                assert vs_best["baseline"] == best
+                assert (vs_best["acc"], vs_best["ci95"]) == pytest.approx(mean_ci(diffs))
+            else:
+                assert "paired_vs_best_baseline" not in cell
+
+
 def test_bench_accuracy_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "accuracy.json"
-    args = [f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={tmp_path / 'work'}", "teachers.n_teachers=2"]
-    _invoke(["bench", "accuracy", *TINY, *args, "--out", str(out)])
+    out, work = tmp_path / "accuracy.json", tmp_path / "work"
+    args = [f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={work}", "teachers.n_teachers=2"]
+    # Seven learners (free, scratch, scratch_equal_time at 1 and 5 shots; random_init): one iteration each.
+    args += ["inversion.teachers_per_step=1", "metalearn.iterations=1", "metalearn.meta_batch=2"]
+    args += ["metalearn.inner_steps=1"]
+    rows = ["--rows", "free,scratch_equal_time,random_init", "--mixed-archs", ""]  # scratch comes with equal time
+    printed = _invoke(["bench", "accuracy", *TINY, *args, *rows, "--out", str(out)]).output
     result = json.loads(out.read_text())
-    assert set(result["tables"]) == {"homogeneous", "heterogeneous"}
-    for table in result["tables"].values():
-        assert list(table["rows"]) == ["free", "free_noalign", "scratch", "random_init", "oracle"]
-        for key in ("5way_1shot", "5way_5shot"):
-            assert 0 <= table["rows"]["free"][key]["acc"] <= 1
-            assert table["rows"]["oracle"][key]["paired_vs_free"] is not None
-    assert result["tables"]["homogeneous"]["rows"]["random_init"]["iterations"] == [0]
-    zoo = json.loads((tmp_path / "work" / "heterogeneous" / "seed0" / "zoo" / "teachers" / "zoo.json").read_text())
-    assert zoo["summary"]["archs"] == ["conv4", "resnet10"]
+    assert list(result["rows"]) == ["free", "scratch", "scratch_equal_time", "random_init"]
+    assert result["rows_added"] == ["scratch"]
+    # The tiny bank slot holds 6 images: the 5-shot learner's q_query 5 is lowered to 1.
+    assert result["learners"]["5"] == {"k_shot": 5, "q_query": 1, "q_query_lowered_from": 5}
+    (table,) = result["tables"].values()
+    rows_out = table["rows"]
+    assert list(rows_out) == list(result["rows"])
+    for row in rows_out.values():
+        assert [c for c in row if "shot" in c] == ["5way_1shot", "5way_5shot", "5way_5shot_from_1shot_learner"]
+        assert all(0 <= row[c]["acc"] <= 1 for c in row if "shot" in c)
+    assert table["best_baseline"]["5way_5shot"] in ("scratch", "scratch_equal_time")
+    assert rows_out["free"]["5way_5shot"]["paired_vs_best_baseline"]["baseline"] == table["best_baseline"]["5way_5shot"]
+    assert rows_out["random_init"]["5way_1shot"]["paired_vs_free"] is not None
+    seed0 = work / "homogeneous" / "seed0"
+    for key in ("free", "scratch", "scratch_equal_time"):
+        for k in (1, 5):
+            card = json.loads((seed0 / key / f"k{k}" / "metalearner" / "card.json").read_text())
+            assert card["k_shot"] == k and card["q_query"] == (5 if k == 1 else 1)  # a separate 5-shot learner
+            assert card["selected_on"] == "meta-val"  # checkpoints chosen on meta-val, never meta-test
+    assert not (seed0 / "random_init" / "k5").exists()  # no training: one run serves every shot
+    # Equal wall time, recomputed from the files the free and scratch runs wrote.
+    for k in (1, 5):
+        free_s, scratch_s = (
+            sum(c["seconds"] for c in json.loads((seed0 / key / f"k{k}" / "metalearner" / "curves.json").read_text()))
+            for key in ("free", "scratch")
+        )
+        budget = rows_out["scratch_equal_time"]["learners"][0][str(k)]["equal_time"]
+        assert budget["iterations"] == accuracy.equal_time_iterations(free_s, scratch_s, 1)
+        card = json.loads((seed0 / "scratch_equal_time" / f"k{k}" / "metalearner" / "card.json").read_text())
+        assert card["iterations"] == budget["iterations"]
+    assert "| FREE variant − best data-free baseline |" in printed and "equal wall time:" in printed
     assert out.with_suffix(".png").stat().st_size > 0
 
 

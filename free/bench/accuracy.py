@@ -307,8 +307,8 @@ def plot(result: dict[str, Any], json_path: Path) -> Path:
     plt = pyplot()
     tables = result["tables"]
     panel_width = max(6.0, 1.2 * len(result["rows"]) + 2)
-    fig, axes = plt.subplots(1, len(tables), figsize=(panel_width * len(tables), 4.5), squeeze=False)
-    for ax, (zoo, tab) in zip(axes[0], tables.items(), strict=True):
+    fig, axes = plt.subplots(len(tables), 1, figsize=(panel_width, 4.5 * len(tables)), squeeze=False)
+    for ax, (zoo, tab) in zip(axes[:, 0], tables.items(), strict=True):
         keys = list(tab["rows"])
         columns = [c for c in tab["rows"][keys[0]] if "shot" in c]
         width = 0.8 / len(columns)
@@ -323,6 +323,6 @@ def plot(result: dict[str, Any], json_path: Path) -> Path:
                 hatch="//" if "from" in column else None,
             )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, rotation=25, ha="right")
-        ax.set(ylabel="meta-test accuracy", title=f"{zoo} zoo, {result['seeds']} seed(s)", ylim=(0, 1))
-        ax.legend(fontsize=7)
+        ax.set(ylabel="meta-test accuracy", title=f"{zoo} zoo, {result['seeds']} seed(s)", ylim=(0, 1.2))
+        ax.legend(fontsize=7, ncols=len(columns), loc="upper left")  # above the bars (accuracy <= 1)
     return savefig(fig, json_path)

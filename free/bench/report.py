@@ -121,8 +121,8 @@ def _accuracy_notes(result: dict[str, Any], rows: dict[str, Any]) -> list[str]:
     """Which learner fills which column, lowered query sets, the equal-time budgets."""
     base = result["base_shot"]
     notes = [
-        f'`<N>way_<k>shot`: a learner meta-trained on k-shot tasks; "{base}-shot learner": the {base}-shot '
-        "learner tested at more shots; random init: one untrained learner for every column."
+        f'Each `<N>way_<k>shot` column: a learner meta-trained on k-shot tasks; ", {base}-shot learner" columns: '
+        f"the {base}-shot learner tested at more shots; random init: one untrained learner for every column."
     ]
     for k, learner in result["learners"].items():
         if "q_query_lowered_from" in learner:

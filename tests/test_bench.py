@@ -296,6 +296,16 @@ def test_bench_accuracy_rejects_an_unknown_row() -> None:
     assert result.exit_code == 2 and "bogus" in result.output and "scratch_equal_time" in result.output
 
 
+def test_bench_accuracy_refuses_a_shot_whose_task_cannot_fit_a_bank_slot(tmp_path: Path) -> None:
+    # 1-shot tasks fit (1 + 1 <= 5), so the config is valid; no q_query >= 1 lets a 5-shot task fit 5 images.
+    small = ["taskcache.images_per_slot=5", "inversion.images_per_class=5", "metalearn.q_query=1"]
+    args = ["bench", "accuracy", "experiment=tiny", *small, f"paths.artifacts_dir={tmp_path}", "--mixed-archs", ""]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "taskcache.images_per_slot" in result.output and "metalearn.q_query" in result.output
+    assert not any(tmp_path.iterdir())  # refused before any stage ran
+
+
 def _learners(shift: float, episodes: dict[int, list[float]], base_only: bool = False) -> dict[int, dict]:
     """A row's learners for shots 1 and 5: the k-shot learner's episodes at k; the 1-shot learner at 5 shots
     gets its own (lower) episodes, so a column taken from the wrong learner shows."""

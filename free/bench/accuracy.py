@@ -45,7 +45,7 @@ import torch
 
 from free.artifacts import read_json
 from free.bench.common import pyplot, savefig
-from free.config import to_yaml
+from free.config import ConfigError, to_yaml
 from free.config.schema import Config
 from free.data.base import Progress
 from free.evaluate import setting_key, summarize
@@ -58,8 +58,9 @@ class Row:
 
 
 ROWS: dict[str, Row] = {
-    "free": Row("FREE (ours: first-order)", ("method=free",)),
-    "free_noalign": Row("FREE w/o alignment (first-order)", ("method=free_noalign",)),
+    # The update rule named, so a user's metalearn.update=... cannot relabel these two rows.
+    "free": Row("FREE (ours: first-order)", ("method=free", "metalearn.update=first_order")),
+    "free_noalign": Row("FREE w/o alignment (first-order)", ("method=free_noalign", "metalearn.update=first_order")),
     "free_official": Row("FREE (authors' update)", ("method=free", "metalearn.update=official")),
     "free_official_noalign": Row(
         "FREE w/o alignment (authors' update)", ("method=free_noalign", "metalearn.update=official")
@@ -97,10 +98,11 @@ def fit_q_query(k_shot: int, q_query: int, images_per_slot: int) -> int:
     if k_shot + q_query <= images_per_slot:
         return q_query
     if images_per_slot - k_shot < 1:
-        raise ValueError(
-            f"a {k_shot}-shot learner needs metalearn.k_shot + metalearn.q_query >= {k_shot + 1} images per "
-            f"class and bank slot, but taskcache.images_per_slot={images_per_slot}; raise "
-            f"taskcache.images_per_slot (and inversion.images_per_class) or drop {k_shot} from evaluate.shots"
+        raise ConfigError(
+            f"invalid configuration:\n  taskcache.images_per_slot: a {k_shot}-shot learner needs "
+            f"metalearn.k_shot + metalearn.q_query >= {k_shot + 1} images per class and bank slot, but "
+            f"taskcache.images_per_slot={images_per_slot}; raise it (and inversion.images_per_class) or drop "
+            f"{k_shot} from evaluate.shots"
         )
     return images_per_slot - k_shot
 
@@ -108,9 +110,10 @@ def fit_q_query(k_shot: int, q_query: int, images_per_slot: int) -> int:
 def equal_time_iterations(free_seconds: float, scratch_seconds: float, scratch_iterations: int) -> int:
     """How many from-scratch iterations fit in FREE's meta-training seconds (at least 1)."""
     if scratch_iterations < 1 or scratch_seconds <= 0:
-        raise ValueError(
-            f"scratch_equal_time needs a measured scratch run (got {scratch_iterations} iterations in "
-            f"{scratch_seconds} s); the scratch row must meta-train at least one iteration"
+        raise ConfigError(
+            f"invalid configuration:\n  metalearn.iterations: scratch_equal_time needs a measured scratch run "
+            f"(got {scratch_iterations} iterations in {scratch_seconds} s); the scratch row must meta-train at "
+            "least one iteration"
         )
     return max(1, math.floor(free_seconds * scratch_iterations / scratch_seconds))
 
@@ -159,28 +162,7 @@ def run(
             zoo_cfg = configs([*shared, f"paths.artifacts_dir={base / 'zoo'}", "method=free"])
             _stage("data", zoo_cfg, progress)
             _stage("teachers", zoo_cfg, progress)
-            done: dict[str, dict[int, dict[str, Any]]] = {}
-            for key in keys:
-                done[key] = {}
-                for k in [base_shot] if key == "random_init" else shots:
-                    root = base / key / f"k{k}"
-                    for part in ("data", "teachers"):  # the same zoo for every row and learner
-                        shutil.copytree(base / "zoo" / part, root / part, dirs_exist_ok=True)
-                    extra = _learner_overrides(k, base_shot, shots, learners[k]["q_query"])
-                    if key == "scratch_equal_time":
-                        budget = _equal_time(done["free"][k], done["scratch"][k], first.metalearn.val_every)
-                        extra += [
-                            f"metalearn.iterations={budget['iterations']}",
-                            f"metalearn.val_every={budget['val_every']}",
-                        ]
-                    cfg = configs([*shared, f"paths.artifacts_dir={root}", *ROWS[key].overrides, *extra])
-                    say(f"[{zoo}, seed {seed}] {ROWS[key].label}, {k}-shot learner")
-                    started = time.perf_counter()
-                    _stage("metatrain", cfg, progress)
-                    _stage("metatest", cfg, progress)
-                    done[key][k] = _collect(root, time.perf_counter() - started)
-                    if key == "scratch_equal_time":
-                        done[key][k]["equal_time"] = budget
+            done = _seed(configs, keys, base, shared, shots, learners, first.metalearn.val_every, progress, say)
             for key in keys:
                 runs[key].append(seed_record(done[key], shots, base_shot, first.evaluate.n_way))
         tables[zoo] = {"overrides": zoo_overrides, **table(runs)}
@@ -195,6 +177,41 @@ def run(
         "tables": tables,
         "config": to_yaml(first),
     }
+
+
+def _seed(
+    configs: Callable[[list[str]], Config],
+    keys: list[str],
+    base: Path,
+    shared: list[str],
+    shots: list[int],
+    learners: dict[int, dict[str, Any]],
+    val_every: int,
+    progress: Progress | None,
+    say: Callable[[str], None],
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every row's learners on one (zoo, seed), whose zoo is under ``base / "zoo"``: row -> shot -> outcome."""
+    base_shot = min(shots)
+    done: dict[str, dict[int, dict[str, Any]]] = {}
+    for key in keys:
+        done[key] = {}
+        for k in [base_shot] if key == "random_init" else shots:
+            root = base / key / f"k{k}"
+            for part in ("data", "teachers"):  # the same zoo for every row and learner
+                shutil.copytree(base / "zoo" / part, root / part, dirs_exist_ok=True)
+            extra = _learner_overrides(k, base_shot, shots, learners[k]["q_query"])
+            if key == "scratch_equal_time":
+                budget = _equal_time(done["free"][k], done["scratch"][k], val_every)
+                extra += [f"metalearn.iterations={budget['iterations']}", f"metalearn.val_every={budget['val_every']}"]
+            cfg = configs([*shared, f"paths.artifacts_dir={root}", *ROWS[key].overrides, *extra])
+            say(f"[{base.parent.name}, {base.name}] {ROWS[key].label}, {k}-shot learner")
+            started = time.perf_counter()
+            _stage("metatrain", cfg, progress)
+            _stage("metatest", cfg, progress)
+            done[key][k] = _collect(root, time.perf_counter() - started)
+            if key == "scratch_equal_time":
+                done[key][k]["equal_time"] = budget
+    return done
 
 
 def _learner_overrides(k: int, base_shot: int, shots: list[int], q_query: int) -> list[str]:

@@ -69,14 +69,19 @@ def outputs_without_timings(artifacts: Path) -> dict[str, object]:
     return result
 
 
+# The authors' update, small enough for a test (its Adam state must survive a resume as well).
+OFFICIAL = ["metalearn.update=official", "metalearn.official.replay_batch=2", "metalearn.official.max_replay_batches=2"]
+
+
+@pytest.mark.parametrize("update", [[], OFFICIAL], ids=["first_order", "official"])
 def test_metatrain_resumes_after_a_kill_with_the_same_artifacts(
-    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, update: list[str]
 ) -> None:
-    unbroken = fake_config(fake_omniglot, tmp_path / "unbroken")
+    unbroken = fake_config(fake_omniglot, tmp_path / "unbroken", *update)
     prepare(unbroken)
     metatrain.run(unbroken)
 
-    broken = fake_config(fake_omniglot, tmp_path / "broken")
+    broken = fake_config(fake_omniglot, tmp_path / "broken", *update)
     prepare(broken)
     original_step = MetaTrainLoop.step
 
@@ -165,9 +170,13 @@ def test_finished_stages_do_nothing_and_changes_rerun(
         metatrain.run(fake_config(fake_omniglot, tmp_path, "metalearn.iterations=7"))
 
 
-@pytest.mark.parametrize("method", ["free", "free_noalign", "scratch", "pixels", "random_init", "oracle"])
+@pytest.mark.parametrize(
+    "method", ["free", "free_noalign", "scratch", "pixels", "random_init", "oracle", "free+official", "free_noalign+official"]
+)
 def test_every_method_runs_through_the_same_stages(fake_omniglot: Path, tmp_path: Path, method: str) -> None:
+    method, _, update = method.partition("+")
     extra = ["metalearn.iterations=0"] if method == "random_init" else []
+    extra += OFFICIAL if update == "official" else []
     cfg = fake_config(fake_omniglot, tmp_path, f"method={method}", *extra)
     prepare(cfg)
     summary = metatrain.run(cfg)

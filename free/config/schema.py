@@ -128,7 +128,7 @@ class OfficialUpdateConfig:
     """``metalearn.update=official``: the authors' meta-learner update (WalkerWorldPeace/FREE, main.py).
 
     Defaults are theirs (``--outer_lr``, ``reptile_grad``'s ``alpha=67``, ``--episode_batch``,
-    ``--generate_interval``), not tuned here; ``max_replay_batches`` and the temperature are ours
+    ``--generate_interval``, temperature 1), not tuned here; ``max_replay_batches`` is ours
     (see :mod:`free.official`)."""
 
     lr: float = 0.001  # Adam, for the fast copy's distillation steps and for the initialisation

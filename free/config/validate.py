@@ -131,12 +131,18 @@ def validate(cfg: Config) -> Config:
     at_least("metalearn.val_every", ml.val_every, 1)
     at_least("metalearn.val_episodes", ml.val_episodes, 1)
     one_of("metalearn.update", ml.update, METALEARN_UPDATES, "update rule")
+    need(
+        ml.update == "first_order" or ml.data == "pseudo" or ml.iterations == 0,
+        "metalearn.update",
+        "official distils the teachers and replays the memory bank, so it needs pseudo data; "
+        f"metalearn.data={ml.data} (method=oracle) uses update=first_order",
+    )
     positive("metalearn.official.lr", ml.official.lr)
     positive("metalearn.official.reptile_scale", ml.official.reptile_scale)
     positive("metalearn.official.temperature", ml.official.temperature)
     at_least("metalearn.official.replay_batch", ml.official.replay_batch, 1)
     at_least("metalearn.official.patience", ml.official.patience, 1)
-    at_least("metalearn.official.max_replay_batches", ml.official.max_replay_batches, 0)
+    at_least("metalearn.official.max_replay_batches", ml.official.max_replay_batches, 1)
     # Teacher widths against the learner's way. Any width works for the adversarial term and for
     # distillation (both map to the right label space); what cannot work is a pseudo task that has
     # fewer classes to draw from than metalearn.n_way. An imported zoo's widths are its own

@@ -58,6 +58,7 @@ from free.inversion import (
 )
 from free.maml import Params, split_state
 from free.metalearn import MetaSettings, distillation_targets, meta_update
+from free.official import OfficialSettings, OfficialUpdate, TeacherBatch
 from free.models import Generator, build_classifier
 from free.taskcache import MemoryBank
 
@@ -163,17 +164,58 @@ class MetaTrainLoop:
         self.meta_settings = MetaSettings(
             ml.inner_steps, ml.inner_lr, ml.outer_lr, ml.reptile_beta, ml.align, ml.distill, ml.distill_temperature
         )
+        official = ml.official
+        self.official = (
+            OfficialUpdate(
+                self.params,
+                OfficialSettings(
+                    ml.inner_steps,
+                    ml.inner_lr,
+                    official.lr,
+                    official.reptile_scale,
+                    official.temperature,
+                    official.replay_batch,
+                    official.patience,
+                    official.max_replay_batches,
+                    official.second_order,
+                    ml.align,
+                ),
+            )
+            if ml.update == "official"
+            else None
+        )
 
     # ---- one meta-iteration -------------------------------------------------------------------
 
     def step(self) -> None:
         started = time.perf_counter()
+        stats = self._official_step() if self.official is not None else self._first_order_step()
+        self.iteration += 1
+        self.curves.append({"iteration": self.iteration, **stats, "seconds": time.perf_counter() - started})
+
+    def _official_step(self) -> dict[str, float]:
+        """The authors' update (:mod:`free.official`): distil each fresh teacher into a fast copy in
+        sequence, Reptile-move the initialisation with Adam, replay bank tasks with MAML."""
+        ml, tc = self.cfg.metalearn, self.cfg.taskcache
+        _, recovery_stats, batches = self._recover()
+
+        def replay_task():
+            pseudo = self.bank.sample_task(
+                ml.n_way, ml.k_shot, ml.q_query, self.rng, teachers=None, mix_teachers=tc.mix_teachers
+            )
+            return pseudo.episode.to(self.device)
+
+        self.params, stats = self.official.step(self.learner, self.params, self.buffers, batches, replay_task)
+        return {**stats, **recovery_stats}
+
+    def _first_order_step(self) -> dict[str, float]:
+        """Ours (:mod:`free.metalearn`): FO-MAML over fresh and replayed pseudo tasks, aligned or averaged."""
         ml = self.cfg.metalearn
         if self.real_sampler is not None:  # oracle: real meta-train episodes, no inversion
             batch = self.real_sampler.sample(ml.meta_batch).to(self.device)
             tasks, targets, recovery_stats = [batch[i] for i in range(ml.meta_batch)], None, {}
         else:
-            fresh, recovery_stats = self._recover()
+            fresh, recovery_stats, _ = self._recover()
             tasks, targets = self._pseudo_tasks(fresh)
             if ml.distill > 0:
                 # Share of query images whose own teacher knows >= 2 of their task's classes: those the
@@ -185,13 +227,13 @@ class MetaTrainLoop:
         tasks = [tasks[i] for i in order]
         targets = [targets[i] for i in order] if targets is not None else None
         self.params, stats = meta_update(self.learner, self.params, self.buffers, tasks, self.meta_settings, targets)
-        self.iteration += 1
-        self.curves.append(
-            {"iteration": self.iteration, **stats, **recovery_stats, "seconds": time.perf_counter() - started}
-        )
+        return {**stats, **recovery_stats}
 
-    def _recover(self) -> tuple[list[int], dict[str, float]]:
-        """Recover one batch from each of ``teachers_per_step`` teachers and store it in the bank."""
+    def _recover(self) -> tuple[list[int], dict[str, float], list[TeacherBatch]]:
+        """Recover one batch from each of ``teachers_per_step`` teachers and store it in the bank.
+
+        Returns the teachers chosen, the recovery's stats, and each fresh batch with its teacher's
+        logits (the official update distils on them)."""
         inv, ds = self.cfg.inversion, self.cfg.dataset
         chosen = torch.randperm(len(self.zoo), generator=self.rng)[: inv.teachers_per_step].tolist()
         adversarial = inv.loss.adv > 0 and self.iteration >= inv.adv_warmup
@@ -201,6 +243,7 @@ class MetaTrainLoop:
         settings = InversionSettings(steps, lr, tuple(inv.betas), weights, inv.augment)
         student = self._student() if adversarial else None
         recoveries: list[Recovery] = []
+        batches: list[TeacherBatch] = []
         for teacher_id in chosen:
             teacher, meta = self.zoo[teacher_id]
             n_way = meta["n_classes"]
@@ -227,14 +270,21 @@ class MetaTrainLoop:
                 {"iteration": self.iteration, "teacher": teacher_id, "seconds": r.seconds, "curve": r.curve}
             )
             recoveries.append(r)
+            if self.official is not None:
+                with torch.no_grad():
+                    batches.append(TeacherBatch(r.images, r.labels, teacher(r.images)))
         if inv.mode == "meta":
             self.meta_generator.outer_step(recoveries)
         final = [r.curve[-1] for r in recoveries]
-        return chosen, {
-            "teacher_acc": sum(f["teacher_acc"] for f in final) / len(final),
-            "inversion_loss": sum(f["loss"] for f in final) / len(final),
-            "recovery_seconds": sum(r.seconds for r in recoveries),
-        }
+        return (
+            chosen,
+            {
+                "teacher_acc": sum(f["teacher_acc"] for f in final) / len(final),
+                "inversion_loss": sum(f["loss"] for f in final) / len(final),
+                "recovery_seconds": sum(r.seconds for r in recoveries),
+            },
+            batches,
+        )
 
     def _student(self):
         """The current meta-learner initialisation as the adversarial term's student, scoring each
@@ -301,6 +351,10 @@ class MetaTrainLoop:
         tensors |= {f"generator/{k}": v for k, v in self.meta_generator.generator.state_dict().items()}
         opt_tensors, opt_meta = _optimizer_state(self.meta_generator.optimiser)
         tensors |= {f"generator_opt/{k}": v for k, v in opt_tensors.items()}
+        learner_opt_meta = None
+        if self.official is not None:  # the initialisation's Adam (official update)
+            learner_opt, learner_opt_meta = _optimizer_state(self.official.adam.optimiser)
+            tensors |= {f"learner_opt/{k}": v for k, v in learner_opt.items()}
         tensors["rng"] = self.rng.get_state()
         self.bank.save(directory / "bank")
         save_tensors(
@@ -311,6 +365,7 @@ class MetaTrainLoop:
                 "best_val_acc": self.best_val_acc,
                 "best_iteration": self.best_iteration,
                 "generator_opt": opt_meta,
+                "learner_opt": learner_opt_meta,
                 "curves": self.curves,
                 "recovery_curves": self.recovery_curves,
             },
@@ -324,6 +379,8 @@ class MetaTrainLoop:
         self.params, self.best_params = part("params/"), part("best/")
         self.meta_generator.generator.load_state_dict(part("generator/"))
         _load_optimizer_state(self.meta_generator.optimiser, part("generator_opt/"), meta["generator_opt"])
+        if self.official is not None:
+            _load_optimizer_state(self.official.adam.optimiser, part("learner_opt/"), meta["learner_opt"])
         self.rng.set_state(tensors["rng"])
         self.bank = MemoryBank.load(directory / "bank")
         self.iteration, self.best_val_acc, self.best_iteration = (

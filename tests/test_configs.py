@@ -30,8 +30,16 @@ def options(group: str) -> list[str]:
 def test_every_group_exists_with_options() -> None:
     for group in GROUPS:
         assert options(group), f"params/{group}/ has no options"
-    assert {"tiny", "omniglot", "cifar_fs", "mini_imagenet", "cub"} <= set(options("experiment"))
+    assert {"tiny", "medium", "omniglot", "cifar_fs", "mini_imagenet", "cub"} <= set(options("experiment"))
     assert set(options("method")) == {"free", "free_noalign", "scratch", "pixels", "random_init", "oracle"}
+
+
+@pytest.mark.parametrize("update", ["first_order", "official"])
+def test_medium_preset_takes_a_separate_5_shot_learner_and_either_update(update: str) -> None:
+    """The medium preset exists to run the accuracy table on a CPU: a 5-shot learner must fit its bank."""
+    cfg = compose(["experiment=medium", "metalearn.k_shot=5", f"metalearn.update={update}"])
+    assert cfg.metalearn.k_shot + cfg.metalearn.q_query <= cfg.taskcache.images_per_slot
+    assert cfg.dataset.name == "omniglot" and cfg.threads == 1
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

@@ -137,6 +137,12 @@ def validate(cfg: Config) -> Config:
         "official distils the teachers and replays the memory bank, so it needs pseudo data; "
         f"metalearn.data={ml.data} (method=oracle) uses update=first_order",
     )
+    need(
+        ml.update == "first_order" or ml.distill == 0,
+        "metalearn.distill",
+        f"{ml.distill} weights the first_order update's distillation term; update=official distils each fresh "
+        "teacher by itself (metalearn.official.temperature) - set metalearn.distill=0",
+    )
     positive("metalearn.official.lr", ml.official.lr)
     positive("metalearn.official.reptile_scale", ml.official.reptile_scale)
     positive("metalearn.official.temperature", ml.official.temperature)

@@ -34,6 +34,13 @@ def test_every_group_exists_with_options() -> None:
     assert set(options("method")) == {"free", "free_noalign", "scratch", "pixels", "random_init", "oracle"}
 
 
+@pytest.mark.parametrize("preset", ["tiny", "medium", "omniglot"])
+def test_every_training_preset_checkpoints_before_it_ends(preset: str) -> None:
+    """A kill must not lose a whole meta-training: at least two checkpoints before the end."""
+    ml = compose([f"experiment={preset}"]).metalearn
+    assert 2 * ml.checkpoint_every <= ml.iterations
+
+
 @pytest.mark.parametrize("update", ["first_order", "official"])
 def test_medium_preset_takes_a_separate_5_shot_learner_and_either_update(update: str) -> None:
     """The medium preset exists to run the accuracy table on a CPU: a 5-shot learner must fit its bank."""

@@ -429,6 +429,23 @@ def test_bench_accuracy_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> 
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_bench_accuracy_splits_seeds_over_runs_that_share_one_folder(real_omniglot_root: Path, tmp_path: Path) -> None:
+    """--first-seed runs only its seeds; a later run over all seeds reuses them and gathers one table."""
+    work = tmp_path / "work"
+    args = [*TINY, f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={work}", "teachers.n_teachers=2"]
+    args += ["--rows", "random_init", "--mixed-archs", ""]
+    _invoke(["bench", "accuracy", *args, "--first-seed", "1", "--out", str(tmp_path / "one.json")])
+    assert sorted(p.name for p in (work / "homogeneous").iterdir()) == ["seed1"]
+    done = (work / "homogeneous" / "seed1" / "random_init" / "k1" / "metrics" / "metatest.json").stat().st_mtime_ns
+    _invoke(["bench", "accuracy", *args, "--seeds", "2", "--out", str(tmp_path / "both.json")])
+    assert sorted(p.name for p in (work / "homogeneous").iterdir()) == ["seed0", "seed1"]
+    assert (work / "homogeneous" / "seed1" / "random_init" / "k1" / "metrics" / "metatest.json").stat().st_mtime_ns == done
+    one, both = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "both.json"))
+    assert both["seeds"] == 2 and both["first_seed"] == 0
+    seed1 = one["tables"]["homogeneous"]["rows"]["random_init"]["5way_1shot"]["per_seed"]
+    assert both["tables"]["homogeneous"]["rows"]["random_init"]["5way_1shot"]["per_seed"][1:] == seed1
+
+
 def test_bench_eval_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     _invoke(

@@ -131,8 +131,13 @@ def run(
     rows: list[str] | None = None,
     progress: Progress | None = None,
     say: Callable[[str], None] = print,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
-    """``configs(extra_overrides)`` composes the user's config plus ``extra_overrides`` (which win)."""
+    """``configs(extra_overrides)`` composes the user's config plus ``extra_overrides`` (which win).
+
+    Seeds ``first_seed .. first_seed + seeds - 1``, each in its own ``seed<s>`` folder: two processes
+    given disjoint seeds can share one artifacts folder, and a later run over all of them finds every
+    stage done (fingerprints) and only gathers the table."""
     keys, added = select_rows(rows)
     if added:
         say(f"rows {', '.join(added)} added: {', '.join(k for k in keys if k in NEEDS)} is measured against them")
@@ -156,7 +161,7 @@ def run(
     tables: dict[str, Any] = {}
     for zoo, zoo_overrides in zoos.items():
         runs: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             base = Path(first.paths.artifacts_dir) / zoo / f"seed{seed}"
             shared = [*zoo_overrides, f"seed={seed}"]
             say(f"[{zoo}, seed {seed}] data + teacher zoo")
@@ -172,6 +177,7 @@ def run(
         "row_overrides": {key: list(ROWS[key].overrides) for key in keys},
         "rows_added": added,
         "seeds": seeds,
+        "first_seed": first_seed,
         "shots": shots,
         "base_shot": base_shot,
         "learners": {str(k): v for k, v in learners.items()},

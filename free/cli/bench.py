@@ -103,6 +103,9 @@ def _snapshot_list(text: str) -> list[int]:
 def bench_accuracy(
     overrides: Overrides = None,
     seeds: Annotated[int, typer.Option(help="Seeds per row (teacher zoo, initialisations, pseudo tasks).")] = 1,
+    first_seed: Annotated[
+        int, typer.Option(min=0, help="Seeds first-seed .. first-seed+seeds-1 (split seeds over processes).")
+    ] = 0,
     mixed_archs: Annotated[
         str, typer.Option(help="Comma-separated teacher archs of the heterogeneous-zoo table ('' skips it).")
     ] = "conv4,resnet10",
@@ -131,7 +134,7 @@ def bench_accuracy(
         replaced = {override_key(o) for o in extra}  # the bench's own settings win over the user's
         return compose_config([*(o for o in given if override_key(o) not in replaced), *extra])
 
-    result = accuracy.run(configs, seeds, archs, chosen, progress=bar, say=out.print)
+    result = accuracy.run(configs, seeds, archs, chosen, progress=bar, say=out.print, first_seed=first_seed)
     _bench_done("accuracy", result, out_file, accuracy.plot)
 
 

@@ -1,16 +1,23 @@
 """The local stack: a Prefect server, an MLflow server and an S3 server on loopback, plus the process
 that serves the Prefect deployments. ``free stack up|down|status`` drives it.
 
-Everything lives under one state directory (``$FREE_STATE_DIR``, default ``state/``): data, SQLite
-databases, logs, PID files, the generated S3 credentials and ``stack.json`` (what runs where).
-Processes are started in their own session and stopped by the PIDs recorded here, never by name.
+Everything lives under one state directory (``$FREE_STATE_DIR``, default ``state/``, mode 0700):
+data, SQLite databases, logs (0600), the generated S3 credentials (0600) and ``stack.json`` (what
+runs where). Each service starts in its own session, so its process group id is its PID; a service is
+the whole group (MLflow's leader runs uvicorn and its helpers, Prefect's its server), recognised by the
+group id recorded here plus ``$FREE_STACK_SERVICE`` in the members' environment (so a reused group id
+is never taken for ours), and stopped by signalling that group, never by name. A service whose
+leader is gone while members of its group live on (``kill -9`` of MLflow's PID leaves uvicorn
+serving) is *half-dead*: ``status`` says so, ``up`` stops the group and starts it again, ``down``
+stops it.
 
 Services, in start order:
 
 * ``s3``      SeaweedFS ``weed mini``: S3 API on ``s3_port`` (8333); its master, volume, filer and
-  admin ports take ``aux_port .. aux_port+9`` (18334..), all bound to 127.0.0.1. The bucket is created
-  on first start. weed writes its gRPC sockets to ``/tmp/seaweedfs-*-grpc-<port>.sock`` whatever
-  the settings; ``down`` removes the ones of this stack's ports.
+  admin ports take ``aux_port .. aux_port+9`` (18334..), all bound to 127.0.0.1 and shut to anyone
+  but the server itself (:mod:`free.stack_security`). The bucket is created on first start. weed
+  writes its gRPC sockets to ``/tmp/seaweedfs-*-grpc-<port>.sock`` whatever the settings (owner-only:
+  it starts with umask 077); ``down`` removes the ones of this stack's ports.
 * ``mlflow``  ``mlflow server``: SQLite backend store, artifacts proxied to ``s3://<bucket>/mlflow``.
 * ``prefect`` ``prefect server start``: SQLite database under the state directory.
 * ``worker``  ``python -m flows.serve``: serves the deployments ``free/full-pipeline`` and
@@ -37,9 +44,11 @@ from pathlib import Path
 import psutil
 
 from free.paths import in_project, project_root
+from free.stack_security import weed_security_env, write_private
 
 HOST = "127.0.0.1"
 DVC_REMOTE = "local-s3"
+TAG = "FREE_STACK_SERVICE"  # in each service's environment: "<state dir>#<service>", inherited by its children
 
 
 class StackError(RuntimeError):
@@ -95,9 +104,10 @@ class Service:
     port: int
     health_url: str
     url: str  # what a user opens
-    marker: str  # a word of the command line, to tell our process from a reused PID
+    marker: str  # a word of the leader's command line (stack.json files written before the tag)
     timeout: float  # seconds to become healthy
     env: dict[str, str] = field(default_factory=dict)
+    ports: list[int] = field(default_factory=list)  # every port it binds (checked free before it starts)
 
 
 def credentials(settings: StackSettings) -> dict[str, str]:
@@ -170,6 +180,7 @@ def services(settings: StackSettings) -> list[Service]:
         f"-master.port.grpc={a + 2}", f"-volume.port={a + 3}", f"-volume.port.grpc={a + 4}",
         f"-filer.port={a + 5}", f"-filer.port.grpc={a + 6}", f"-admin.port={a + 7}", f"-admin.port.grpc={a + 8}",
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+        "-disableHttp",  # no filer HTTP API, no master admin endpoints: S3 (with credentials) is the way in
         f"-filer.localSocket={state / 's3' / 'filer.sock'}", f"-s3.localSocket={state / 's3' / 's3.sock'}",
     ]  # fmt: skip
     mlflow = [
@@ -185,12 +196,13 @@ def services(settings: StackSettings) -> list[Service]:
     }
     listed = [
         Service("s3", weed, settings.s3_port, f"{settings.s3_endpoint_url}/healthz",
-                f"{HOST}:{settings.s3_port} (S3 API, not a web page)", "weed", 90, dict(creds)),
+                f"{HOST}:{settings.s3_port} (S3 API, not a web page)", "weed", 90, dict(creds),
+                [settings.s3_port, *range(a, a + 9)]),
         Service("mlflow", mlflow, settings.mlflow_port, f"{settings.mlflow_tracking_uri}/health",
                 settings.mlflow_tracking_uri, "mlflow", 120,
-                {**creds, "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url}),
+                {**creds, "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url}, [settings.mlflow_port]),
         Service("prefect", prefect, settings.prefect_port, f"{settings.prefect_api_url}/health",
-                f"http://{HOST}:{settings.prefect_port}", "prefect", 180, prefect_env),
+                f"http://{HOST}:{settings.prefect_port}", "prefect", 180, prefect_env, [settings.prefect_port]),
     ]  # fmt: skip
     if settings.worker:
         worker_env = {
@@ -234,15 +246,43 @@ def _write_state(settings: StackSettings, state: dict) -> None:
     tmp.replace(path)
 
 
-def _ours(pid: int | None, marker: str) -> bool:
-    """Whether ``pid`` runs and is the service we started (not a reused PID)."""
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and any(marker in part for part in proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+def _tag(settings: StackSettings, name: str) -> str:
+    return f"{settings.state_dir}#{name}"
+
+
+def _members(record: dict, marker: str) -> list[psutil.Process]:
+    """The live processes of a recorded service's process group, or [] when none of them is ours.
+
+    Membership is by process group id (the recorded one; the leader's PID for older records). A group
+    counts as ours when a member carries the recorded tag in its environment (or, for records without
+    one, the marker in its command line): after the whole group has died, its id can be reused by an
+    unrelated group leader, which has neither.
+    """
+    pgid = record.get("pgid") or record.get("pid")
+    if not pgid:
+        return []
+    group, ours = [], False
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) != pgid or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            group.append(proc)
+            if not ours:
+                tag = record.get("tag")
+                ours = proc.environ().get(TAG) == tag if tag else any(marker in part for part in proc.cmdline())
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return group if ours else []
+
+
+def _state_of(service: Service, record: dict) -> tuple[str, list[psutil.Process]]:
+    """(healthy | starting | half-dead | down, the live members of its group)."""
+    members = _members(record, service.marker)
+    if not members:
+        return "down", []
+    if not any(p.pid == record.get("pid") for p in members):
+        return "half-dead", members  # the leader is gone, part of its group serves on
+    return ("healthy" if _healthy(service.health_url) else "starting"), members
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
@@ -273,78 +313,151 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def _port_holders(port: int) -> set[int]:
+    """PIDs listening on ``port`` on loopback or all addresses (where this user may see them)."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:
+        return set()
+    return {
+        c.pid for c in conns
+        if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        and c.laddr.ip in (HOST, "0.0.0.0", "::", "::ffff:127.0.0.1")
+    }  # fmt: skip
+
+
 def _log_tail(path: Path, lines: int = 15) -> str:
     if not path.is_file():
         return "(no log)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def up(settings: StackSettings, say: Callable[[str], None] = print) -> dict:
+def up(settings: StackSettings, say: Callable[[str], None] = print, only: list[str] | None = None) -> dict:
     """Start what is not running yet, wait until each service answers, record it in ``stack.json``.
 
-    Idempotent: running, healthy services are left alone. If a service fails to start, the ones
-    already up stay up (``down`` stops them) and the error carries the tail of its log.
+    Idempotent: running, healthy services are left alone. A service of ours that is half-dead or
+    does not answer (its group still holding its port) is stopped, group and all, and started again;
+    a port held by a process outside every group recorded here is an error naming that process. If
+    a service fails to start, the ones already up stay up (``down`` stops them) and the error
+    carries the tail of its log. ``only``: start just these services (tests start a part).
     """
     for sub in ("logs", "s3", "mlflow", "prefect"):
         (settings.state_dir / sub).mkdir(parents=True, exist_ok=True)
     # Owner only: the folder holds the credentials, logs that name the access key, and the databases.
     settings.state_dir.chmod(0o700)
+    for path in (settings.state_dir / "logs").rglob("*"):  # logs written before they were made 0600
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o600)
     state = _read_state(settings)
     state.update(_urls(settings))
     state["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
     for service in services(settings):
+        if only is not None and service.name not in only:
+            continue
         record = state["services"].get(service.name, {})
-        if _ours(record.get("pid"), service.marker) and _healthy(service.health_url):
+        condition, members = _state_of(service, record)
+        if condition == "healthy":
             say(f"{service.name:8s} already running (pid {record['pid']}) {service.url}")
             continue
-        if service.name != "worker" and not _port_free(service.port):
-            raise StackError(
-                f"{service.name}: port {service.port} on {HOST} is taken by another program; "
-                f"choose another (see `free stack up --help`) or stop that program"
-            )
-        log = settings.state_dir / "logs" / f"{service.name}.log"
-        say(f"{service.name:8s} starting ... (log {log})")
-        started = time.time()
-        with log.open("ab") as log_file:
-            proc = subprocess.Popen(
-                service.argv,
-                cwd=settings.project_dir,
-                env={**os.environ, **service.env},
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: `down` stops it and its children
-            )
-        state["services"][service.name] = {
-            "pid": proc.pid, "port": service.port, "url": service.url, "log": str(log), "started": started,
-        }  # fmt: skip
-        _write_state(settings, state)
-        deadline = started + service.timeout
-        while not _healthy(service.health_url):
-            if proc.poll() is not None:
-                raise StackError(f"{service.name} exited with code {proc.returncode}; end of {log}:\n{_log_tail(log)}")
-            if time.time() > deadline:
-                _stop_pid(proc.pid, service.marker)
-                raise StackError(
-                    f"{service.name} did not answer {service.health_url} within {service.timeout:.0f} s "
-                    f"(stopped it); end of {log}:\n{_log_tail(log)}"
-                )
-            time.sleep(0.5)
-        say(f"{service.name:8s} up in {time.time() - started:.1f} s (pid {proc.pid}) {service.url}")
+        if members:
+            why = "half-dead (its leader is gone)" if condition == "half-dead" else "not answering"
+            say(f"{service.name:8s} {why}: stopping its process group {record.get('pgid') or record.get('pid')} "
+                f"({len(members)} processes) to start it again")  # fmt: skip
+            _stop_group(record, service.marker)
+        _free_ports_or_fail(settings, state, service, say)
+        _start(settings, state, service, say)
     configure_dvc_remote(settings)
     return status(settings)
 
 
-def down(settings: StackSettings, say: Callable[[str], None] = print) -> None:
-    """Stop the recorded services in reverse start order, by PID (its process group)."""
+def _free_ports_or_fail(settings: StackSettings, state: dict, service: Service, say: Callable[[str], None]) -> None:
+    """Make sure ``service``'s ports are free: a holder in one of our recorded groups (a half-dead
+    service, whichever) is stopped with its group; any other holder is an error naming it."""
+    markers = {s.name: s.marker for s in services(settings)}
+    for port in service.ports:
+        if _port_free(port):
+            continue
+        for pid in _port_holders(port):
+            for name, record in state["services"].items():
+                members = _members(record, markers.get(name, name))
+                if any(p.pid == pid for p in members):
+                    say(f"{service.name:8s} port {port} is held by pid {pid} of our {name} service's process "
+                        f"group {record.get('pgid') or record.get('pid')}: stopping that group")  # fmt: skip
+                    _stop_group(record, markers.get(name, name))
+        if not _port_free(port):
+            holders = ", ".join(f"pid {pid} ({_name_of(pid)})" for pid in sorted(_port_holders(port))) or "not visible"
+            raise StackError(
+                f"{service.name}: port {port} on {HOST} is taken by another program ({holders}), not by a "
+                f"process of this stack; choose another port (see `free stack up --help`) or stop that program"
+            )
+
+
+def _name_of(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())[:80]
+    except psutil.Error:
+        return "?"
+
+
+def _start(settings: StackSettings, state: dict, service: Service, say: Callable[[str], None]) -> None:
+    log = settings.state_dir / "logs" / f"{service.name}.log"
+    say(f"{service.name:8s} starting ... (log {log})")
+    started = time.time()
+    env = {**os.environ, **service.env, TAG: _tag(settings, service.name)}
+    if service.name == "s3":  # secrets in the environment, never on a command line
+        env.update(weed_security_env(settings.state_dir / "s3" / "tls"))
+    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        proc = subprocess.Popen(
+            service.argv,
+            cwd=settings.project_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group (id = its PID): `down` stops it and its children
+            umask=0o077,  # what the services write (their own logs, sockets, data) is the owner's only
+        )
+    finally:
+        os.close(log_fd)
+    record = {
+        "pid": proc.pid, "pgid": proc.pid, "tag": env[TAG], "port": service.port, "url": service.url,
+        "log": str(log), "started": started,
+    }  # fmt: skip
+    state["services"][service.name] = record
+    _write_state(settings, state)
+    deadline = started + service.timeout
+    while not _healthy(service.health_url):
+        if proc.poll() is not None:
+            _stop_group(record, service.marker)  # helpers it may have left behind
+            raise StackError(f"{service.name} exited with code {proc.returncode}; end of {log}:\n{_log_tail(log)}")
+        if time.time() > deadline:
+            _stop_group(record, service.marker)
+            raise StackError(
+                f"{service.name} did not answer {service.health_url} within {service.timeout:.0f} s "
+                f"(stopped it); end of {log}:\n{_log_tail(log)}"
+            )
+        time.sleep(0.5)
+    say(f"{service.name:8s} up in {time.time() - started:.1f} s (pid {proc.pid}) {service.url}")
+
+
+def down(settings: StackSettings, say: Callable[[str], None] = print, grace: float = 20.0) -> None:
+    """Stop the recorded services in reverse start order, each by its whole process group (SIGTERM,
+    then SIGKILL to what is left after ``grace`` seconds)."""
     state = _read_state(settings)
     markers = {s.name: s.marker for s in services(settings)}
     for name in reversed(list(state["services"])):
         record = state["services"][name]
-        if _stop_pid(record.get("pid"), markers.get(name, name)):
-            say(f"{name:8s} stopped (pid {record['pid']})")
-        else:
+        pgid = record.get("pgid") or record.get("pid")
+        members = _members(record, markers.get(name, name))
+        if not members:
             say(f"{name:8s} was not running")
+        elif not _stop_group(record, markers.get(name, name), grace):
+            say(f"{name:8s} process group {pgid} did not stop even on SIGKILL; kept in stack.json")
+            continue
+        else:
+            leader = "" if any(p.pid == record.get("pid") for p in members) else ", half-dead: its leader was gone"
+            say(f"{name:8s} stopped (process group {pgid}: {len(members)} processes{leader})")
         del state["services"][name]
         _write_state(settings, state)
     a = settings.aux_port
@@ -353,33 +466,54 @@ def down(settings: StackSettings, say: Callable[[str], None] = print) -> None:
             path.unlink(missing_ok=True)
 
 
-def _stop_pid(pid: int | None, marker: str, grace: float = 20.0) -> bool:
-    if not _ours(pid, marker):
-        return False
-    assert pid is not None
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
+def _stop_group(record: dict, marker: str, grace: float = 20.0) -> bool:
+    """SIGTERM the recorded service's whole process group, SIGKILL what is left after ``grace``
+    seconds; True when no process of the group is left. Signals nothing unless the group is ours."""
+    if not _members(record, marker):
+        return True
+    pgid = record.get("pgid") or record["pid"]
+    _signal_group(pgid, signal.SIGTERM)
     deadline = time.time() + grace
-    while time.time() < deadline and _group_alive(pid):
-        _reap(pid)
+    while time.time() < deadline and _group_alive(pgid):
+        _reap(record.get("pid"))
         time.sleep(0.2)
-    if _group_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    _reap(pid)
-    return True
+    if _group_alive(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+        deadline = time.time() + 5
+        while time.time() < deadline and _group_alive(pgid):
+            _reap(record.get("pid"))
+            time.sleep(0.1)
+    # Zombies keep the group id until their parent (the leader, when it is our child; else init) reaps them.
+    deadline = time.time() + 5
+    while time.time() < deadline and _signal_group(pgid, 0):
+        _reap(record.get("pid"))
+        time.sleep(0.05)
+    return not _group_alive(pgid)
 
 
-def _group_alive(pgid: int) -> bool:
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False when no process (zombies included) has that id."""
     try:
-        os.killpg(pgid, 0)
+        os.killpg(pgid, sig)
         return True
     except ProcessLookupError:
         return False
 
 
-def _reap(pid: int) -> None:
+def _group_alive(pgid: int) -> bool:
+    """Whether any process, zombies aside, still has process group ``pgid``."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return False
+
+
+def _reap(pid: int | None) -> None:
+    if not pid:
+        return
     try:
         os.waitpid(pid, os.WNOHANG)  # only when the service is our child (tests); else a no-op
     except ChildProcessError:
@@ -401,17 +535,21 @@ def _urls(settings: StackSettings) -> dict:
 
 
 def status(settings: StackSettings) -> dict:
-    """What runs where: the URLs and, per service, pid / running / healthy / log."""
+    """What runs where: the URLs and, per service, state (healthy | starting | half-dead | down),
+    pid (its leader, while alive), pgid and members (the live processes of its group), log."""
     state = _read_state(settings)
     recorded = state.get("services", {})
     report = {**_urls(settings), **{k: v for k, v in state.items() if k.endswith(("_url", "_uri"))}, "services": {}}
     for service in services(settings):
         record = recorded.get(service.name, {})
-        running = _ours(record.get("pid"), service.marker)
+        condition, members = _state_of(service, record)
         report["services"][service.name] = {
-            "pid": record.get("pid") if running else None,
-            "running": running,
-            "healthy": running and _healthy(service.health_url),
+            "state": condition,
+            "pid": record.get("pid") if condition in ("healthy", "starting") else None,
+            "pgid": (record.get("pgid") or record.get("pid")) if members else None,
+            "members": sorted(p.pid for p in members),
+            "running": condition in ("healthy", "starting"),
+            "healthy": condition == "healthy",
             "url": record.get("url", service.url),
             "log": record.get("log", str(settings.state_dir / "logs" / f"{service.name}.log")),
         }
@@ -419,21 +557,28 @@ def status(settings: StackSettings) -> dict:
 
 
 def configure_dvc_remote(settings: StackSettings) -> None:
-    """Point the DVC remote ``local-s3`` at this stack, credentials in ``.dvc/config.local`` (git-ignored)."""
+    """Point the DVC remote ``local-s3`` at this stack, credentials in ``.dvc/config.local`` (git-ignored).
+
+    The file is written here (0600 from its first byte, replaced atomically, other settings in it
+    kept), not with ``dvc remote modify --local … secret_access_key <secret>``, which would show the
+    secret in the process list to every local user.
+    """
+    from configobj import ConfigObj  # DVC's own reader of its config files
+
     if not (settings.project_dir / ".dvc" / "config").is_file():
         return
+    path = settings.project_dir / ".dvc" / "config.local"
+    config = ConfigObj(str(path) if path.is_file() else None, interpolation=False)
     creds = credentials(settings)
-    for key, value in (
-        ("endpointurl", settings.s3_endpoint_url),
-        ("url", f"s3://{settings.bucket}/dvc"),
-        ("access_key_id", creds["AWS_ACCESS_KEY_ID"]),
-        ("secret_access_key", creds["AWS_SECRET_ACCESS_KEY"]),
-    ):
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "remote", "modify", "--local", DVC_REMOTE, key, value],
-            cwd=settings.project_dir,
-            check=True,
-            capture_output=True,
-        )
-    # DVC writes config.local with the umask's mode (often 644); it holds the S3 secret.
-    (settings.project_dir / ".dvc" / "config.local").chmod(0o600)
+    section = f'remote "{DVC_REMOTE}"'
+    config.setdefault(section, {})
+    config[section].update(
+        {
+            "endpointurl": settings.s3_endpoint_url,
+            "url": f"s3://{settings.bucket}/dvc",
+            "access_key_id": creds["AWS_ACCESS_KEY_ID"],
+            "secret_access_key": creds["AWS_SECRET_ACCESS_KEY"],
+        }
+    )
+    config.filename = None
+    write_private(path, ("\n".join(config.write()) + "\n").encode())

@@ -11,7 +11,8 @@ Checks, each printed with what to do when it fails:
   (``$FREE_DATA_DIR/omniglot``, else the copy shipped in ``data/omniglot``);
 * the local stack's ports are free on 127.0.0.1 (``FREE_PREFECT_PORT`` 4200, ``FREE_MLFLOW_PORT``
   5000, ``FREE_S3_PORT`` 8333, ``FREE_S3_AUX_PORT`` 18334..18342), unless this project's own stack
-  already holds them (its PIDs are recorded in ``state/stack.json``, and ``make run`` reuses it);
+  already holds them (its process groups are recorded in ``state/stack.json``, and ``make run``
+  reuses or restarts it);
 * enough free disk for the virtual environment (≈ 7 GB when it is not installed yet) and a run.
 
 Exit 0 when all pass, 1 otherwise (every failed check listed, on stderr).
@@ -95,7 +96,8 @@ def stack_ports() -> dict[str, list[int]]:
 
 
 def our_running_services(state_dir: Path) -> set[str]:
-    """Services of this project's stack whose recorded process is alive (their ports are ours)."""
+    """Services of this project's stack whose recorded process group has a live process (their ports
+    are ours: a half-dead service, its leader gone, is restarted by `free stack up`, not reported)."""
     path = state_dir / "stack.json"
     try:
         recorded = json.loads(path.read_text()).get("services", {})
@@ -104,11 +106,22 @@ def our_running_services(state_dir: Path) -> set[str]:
     alive = set()
     for name, record in recorded.items():
         try:
-            os.kill(int(record["pid"]), 0)
-        except (KeyError, TypeError, ValueError, ProcessLookupError, PermissionError):
+            pid = int(record["pid"])
+            pgid = int(record.get("pgid") or pid)
+        except (KeyError, TypeError, ValueError):
             continue
-        alive.add(name)
+        if _exists(os.kill, pid) or _exists(os.killpg, pgid):  # the leader, or what is left of its group
+            alive.add(name)
     return alive
+
+
+def _exists(send, target: int) -> bool:
+    """Whether signal 0 reaches ``target`` through ``send`` (``os.kill``: a PID; ``os.killpg``: a group)."""
+    try:
+        send(target, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def port_free(port: int) -> bool:

@@ -83,7 +83,7 @@ def stack_links(state_dir: StateDir = None) -> None:
 @stack_app.command("down")
 @stack_errors
 def stack_down(state_dir: StateDir = None) -> None:
-    """Stop the stack's processes (by the PIDs recorded in the state directory). Data stays."""
+    """Stop each recorded service's whole process group (state directory's stack.json). Data stays."""
     from free import stack
 
     stack.down(_stack_settings(state_dir), say=lambda line: out.print(line, highlight=False))
@@ -94,7 +94,7 @@ def stack_down(state_dir: StateDir = None) -> None:
 def stack_status(
     state_dir: StateDir = None, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False
 ) -> None:
-    """What runs where; exit 1 if a service is down."""
+    """What runs where; exit 1 if a service is not healthy (down, starting or half-dead)."""
     from free import stack
 
     report = stack.status(_stack_settings(state_dir))
@@ -102,10 +102,15 @@ def stack_status(
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         table = Table("service", "state", "pid", "url", "log")
+        colour = {"healthy": "green", "starting": "yellow", "half-dead": "red", "down": "red"}
         for name, s in report["services"].items():
-            state = "[green]healthy" if s["healthy"] else ("[yellow]starting" if s["running"] else "[red]down")
+            state = f"[{colour[s['state']]}]{s['state']}"
+            if s["state"] == "half-dead":  # the leader's PID is gone; name what is left of its group
+                state += f" (group {s['pgid']}: pids {', '.join(map(str, s['members']))} left)"
             table.add_row(name, state, str(s["pid"] or "-"), s["url"], s["log"])
         out.print(table)
+        if any(s["state"] == "half-dead" for s in report["services"].values()):
+            out.print("`free stack up` restarts a half-dead service; `free stack down` stops its whole group.")
     if not all(s["healthy"] for s in report["services"].values()):
         raise typer.Exit(1)
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -33,11 +34,43 @@ from free.stack import free_port_block
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "free-meta-learner"
+# Recognisable S3 credentials for this module's stack: test_no_credential_leaks looks for them everywhere,
+# this file among the tracked ones (so each is spelt here in two halves).
+FAKE_KEY_ID, FAKE_SECRET = "FREEFAKE" + "KEYID7Q3", "free-fake-secret" + "-9d41c7e2b58a"
+
+
+class CmdlineWatch:
+    """Samples every process's command line (``/proc/*/cmdline``) in a thread while the stack starts
+    and the pipeline runs, keeping those that show a fake credential."""
+
+    def __init__(self) -> None:
+        self.hits: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                hit = f"{cmdline.parent.name}: {line[:300]}"
+                if (FAKE_KEY_ID in line or FAKE_SECRET in line) and hit not in self.hits:
+                    self.hits.append(hit)
+            self.samples += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Live:
     def __init__(self, project: Path, settings: stack.StackSettings, env: dict[str, str]) -> None:
         self.project, self.settings, self.env = project, settings, env
+        self.cmdlines: CmdlineWatch | None = None
 
     def run(self, *argv: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         proc = subprocess.run(
@@ -90,10 +123,19 @@ def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
         "FREE_S3_PORT": str(settings.s3_port),
         "FREE_S3_AUX_PORT": str(settings.aux_port),
     }
+    # The stack's credentials file, made before its first start as `up` would (0600), with fakes
+    # test_no_credential_leaks can recognise.
+    settings.state_dir.mkdir(mode=0o700)
+    stack.write_private(
+        settings.state_dir / "credentials.env",
+        f"AWS_ACCESS_KEY_ID={FAKE_KEY_ID}\nAWS_SECRET_ACCESS_KEY={FAKE_SECRET}\n".encode(),
+    )
+    cmdlines = CmdlineWatch()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in machine.items():
             mp.setenv(key, value)
-        for key in ("FREE_DATA_DIR", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "FREE_S3_ENDPOINT_URL"):
+        for key in ("FREE_DATA_DIR", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "FREE_S3_ENDPOINT_URL",
+                    "FREE_S3_ACCESS_KEY_ID", "FREE_S3_SECRET_ACCESS_KEY"):  # fmt: skip
             mp.delenv(key, raising=False)
         try:
             shell = Live(project, settings, dict(os.environ))
@@ -103,8 +145,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
                 **stack.client_env(settings),
                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             }
-            yield Live(project, settings, env)
+            ready = Live(project, settings, env)
+            ready.cmdlines = cmdlines
+            yield ready
         finally:
+            cmdlines.stop()
             stack.down(settings, say=lambda line: None)
 
 
@@ -501,3 +546,76 @@ def _wait_for(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
         except OSError:
             time.sleep(1)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def _post_json(url: str, body: dict) -> list:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _leaks(label: str, data: bytes) -> list[str]:
+    return [f"{label}: {name}" for name, value in (("key id", FAKE_KEY_ID), ("secret", FAKE_SECRET))
+            if value.encode() in data]  # fmt: skip
+
+
+def _leaks_in(folder: Path) -> list[str]:
+    return [hit for f in sorted(folder.rglob("*")) if f.is_file() for hit in _leaks(str(f), f.read_bytes())]
+
+
+def test_no_credential_leaks(live: Live, pipeline_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Last, after every run of the module: the fake S3 credentials appear nowhere but in the files
+    that must hold them, owner-only (issue 13, item 4)."""
+    found: list[str] = []
+    # MLflow: every run's params, tags and artifacts; every model version's tags and files.
+    import mlflow
+
+    client = live.client()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, max_results=1000)
+    assert len(runs) >= 5, len(runs)  # the pipeline's parent and stage runs at least
+    for run in runs:
+        found += _leaks(f"mlflow run {run.info.run_id}", json.dumps([run.data.params, run.data.tags]).encode())
+        found += _leaks_in(Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id))))
+    for version in client.search_model_versions(f"name = '{MODEL}'"):
+        found += _leaks(f"model version {version.version} tags", json.dumps(version.tags).encode())
+    monkeypatch.chdir(tmp_path)  # whatever MLflow may create by itself lands here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", live.settings.mlflow_tracking_uri)  # models:/ resolves through it
+    source = client.get_model_version_by_alias(MODEL, "challenger").source
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "model")))
+    found += _leaks_in(model)
+
+    # Prefect: every flow run's parameters, every log line.
+    api = live.settings.prefect_api_url
+    flow_runs = _post_json(f"{api}/flow_runs/filter", {"limit": 200})
+    assert flow_runs, "no flow runs"
+    found += _leaks("prefect flow-run parameters", json.dumps([r["parameters"] for r in flow_runs]).encode())
+    offset, n_logs = 0, 0
+    while logs := _post_json(f"{api}/logs/filter", {"limit": 200, "offset": offset}):
+        found += _leaks(f"prefect logs {offset}..", json.dumps(logs).encode())
+        offset, n_logs = offset + len(logs), n_logs + len(logs)
+    assert n_logs > 0
+
+    # Tracked files, and process command lines sampled since before `make stack-up`.
+    tracked = live.run("git", "ls-files", "-z").stdout.split("\0")
+    for name in filter(None, tracked):
+        path = live.project / name
+        if path.is_file() and not path.is_symlink():
+            found += _leaks(f"tracked {name}", path.read_bytes())
+    assert live.cmdlines is not None and live.cmdlines.samples > 10
+    found += [f"command line of pid {hit}" for hit in live.cmdlines.hits]
+
+    # Files that may hold one: owner-only. The stack's logs never show the secret.
+    holders = [live.project / ".dvc" / "config.local"]
+    holders += [p for p in live.settings.state_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    for path in holders:
+        data = path.read_bytes()
+        if _leaks("", data) and path.stat().st_mode & 0o077:
+            found.append(f"{path} holds a credential with mode {path.stat().st_mode & 0o777:o}")
+        if path.is_relative_to(live.settings.state_dir / "logs"):
+            found += [hit for hit in _leaks(f"stack log {path}", data) if hit.endswith("secret")]
+    local = (live.project / ".dvc" / "config.local").read_text()
+    assert FAKE_KEY_ID in local and FAKE_SECRET in local  # the DVC remote's keys are where DVC reads them
+    assert found == [], "\n".join(found)

@@ -439,7 +439,9 @@ def test_bench_accuracy_splits_seeds_over_runs_that_share_one_folder(real_omnigl
     done = (work / "homogeneous" / "seed1" / "random_init" / "k1" / "metrics" / "metatest.json").stat().st_mtime_ns
     _invoke(["bench", "accuracy", *args, "--seeds", "2", "--out", str(tmp_path / "both.json")])
     assert sorted(p.name for p in (work / "homogeneous").iterdir()) == ["seed0", "seed1"]
-    assert (work / "homogeneous" / "seed1" / "random_init" / "k1" / "metrics" / "metatest.json").stat().st_mtime_ns == done
+    assert (
+        work / "homogeneous" / "seed1" / "random_init" / "k1" / "metrics" / "metatest.json"
+    ).stat().st_mtime_ns == done
     one, both = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "both.json"))
     assert both["seeds"] == 2 and both["first_seed"] == 0
     seed1 = one["tables"]["homogeneous"]["rows"]["random_init"]["5way_1shot"]["per_seed"]

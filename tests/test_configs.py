@@ -117,7 +117,10 @@ def test_yaml_round_trip_is_resolved() -> None:
         (["metalearn.update=sgd"], "metalearn.update"),
         (["metalearn.update=official", "method=oracle"], "metalearn.update"),
         (["metalearn.update=official", "metalearn.distill=0.5"], "metalearn.distill"),
-        (["metalearn.update=official", "metalearn.official.max_replay_batches=0"], "metalearn.official.max_replay_batches"),
+        (
+            ["metalearn.update=official", "metalearn.official.max_replay_batches=0"],
+            "metalearn.official.max_replay_batches",
+        ),
         (["metalearn.inner_steps=0"], "metalearn.inner_steps"),
         (["evaluate.episodes=-1"], "evaluate.episodes"),
         (["taskcache.mix_teachers=false", "metalearn.n_way=10"], "metalearn.n_way"),

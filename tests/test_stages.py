@@ -171,7 +171,8 @@ def test_finished_stages_do_nothing_and_changes_rerun(
 
 
 @pytest.mark.parametrize(
-    "method", ["free", "free_noalign", "scratch", "pixels", "random_init", "oracle", "free+official", "free_noalign+official"]
+    "method",
+    ["free", "free_noalign", "scratch", "pixels", "random_init", "oracle", "free+official", "free_noalign+official"],
 )
 def test_every_method_runs_through_the_same_stages(fake_omniglot: Path, tmp_path: Path, method: str) -> None:
     method, _, update = method.partition("+")

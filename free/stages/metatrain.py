@@ -58,8 +58,8 @@ from free.inversion import (
 )
 from free.maml import Params, split_state
 from free.metalearn import MetaSettings, distillation_targets, meta_update
-from free.official import OfficialSettings, OfficialUpdate, TeacherBatch
 from free.models import Generator, build_classifier
+from free.official import OfficialSettings, OfficialUpdate, TeacherBatch
 from free.taskcache import MemoryBank
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from free.data import EpisodeSampler, FewShotSplit
 from free.maml import adapt, logits, split_state
@@ -77,7 +78,10 @@ def test_distillation_is_zero_for_identical_logits_and_uses_log_probs() -> None:
 
 
 def test_meta_update_learns_a_simple_task_family() -> None:
-    # Each class is a constant image of one intensity; tasks draw 3 of 8 intensities.
+    """Each class is a constant image of one intensity; tasks draw 3 of 8 intensities. After 30
+    meta-updates the initialisation adapts to 16 fixed held-out episodes with a far lower query loss.
+    (Judged on fixed episodes, not on one training batch's loss, which is a coin flip at this size:
+    the earlier version failed or passed with the process's thread count.)"""
     torch.manual_seed(0)
     labels = torch.arange(8).repeat_interleave(6)
     images = (labels * 30 + 10).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 16, 16).contiguous()
@@ -85,13 +89,22 @@ def test_meta_update_learns_a_simple_task_family() -> None:
     model = build_classifier("conv4", 1, 3, 16, 8, [0.5], [0.25], track_running_stats=False)
     params, buffers = split_state(model)
     sampler = EpisodeSampler(split, 3, 1, 3, seed=0)
-    settings = MetaSettings(inner_steps=2, inner_lr=0.3, meta_lr=0.1, beta=1.0, align=True)
-    first = None
+    heldout = EpisodeSampler(split, 3, 1, 3, seed=99).sample(16)
+    settings = MetaSettings(inner_steps=2, inner_lr=0.1, meta_lr=0.1, beta=1.0, align=True)
+
+    def heldout_loss(p) -> float:
+        losses = []
+        for i in range(16):
+            e = heldout[i]
+            adapted = adapt(model, p, buffers, e.support_x, e.support_y, settings.inner_steps, settings.inner_lr)
+            losses.append(F.cross_entropy(logits(model, adapted, buffers, e.query_x), e.query_y).item())
+        return sum(losses) / len(losses)
+
+    before = heldout_loss(params)  # 0.62 (1, 2 or 3 threads)
     for _ in range(30):
         batch = sampler.sample(4)
-        params, stats = meta_update(model, params, buffers, [batch[i] for i in range(4)], settings)
-        first = first if first is not None else stats["query_loss"]
-    assert stats["query_loss"] < first and stats["query_acc"] > 0.6
+        params, _ = meta_update(model, params, buffers, [batch[i] for i in range(4)], settings)
+    assert heldout_loss(params) < 0.5 * before  # measured 0.06-0.12 with 1-3 threads
 
 
 # ---- distillation on tasks that mix teachers (issue 12) ------------------------------------------

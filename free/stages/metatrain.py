@@ -196,14 +196,10 @@ class MetaTrainLoop:
     def _official_step(self) -> dict[str, float]:
         """The authors' update (:mod:`free.official`): distil each fresh teacher into a fast copy in
         sequence, Reptile-move the initialisation with Adam, replay bank tasks with MAML."""
-        ml, tc = self.cfg.metalearn, self.cfg.taskcache
         _, recovery_stats, batches = self._recover()
 
         def replay_task():
-            pseudo = self.bank.sample_task(
-                ml.n_way, ml.k_shot, ml.q_query, self.rng, teachers=None, mix_teachers=tc.mix_teachers
-            )
-            return pseudo.episode.to(self.device)
+            return self._bank_task(None).episode.to(self.device)
 
         self.params, stats = self.official.step(self.learner, self.params, self.buffers, batches, replay_task)
         return {**stats, **recovery_stats}
@@ -294,17 +290,22 @@ class MetaTrainLoop:
 
     def _pseudo_tasks(self, fresh: list[int]):
         """Tasks from the fresh teachers and, with replay, from the whole bank; with distillation targets."""
-        ml, tc = self.cfg.metalearn, self.cfg.taskcache
+        ml = self.cfg.metalearn
         n_replay = round(ml.meta_batch * ml.replay_fraction) if ml.replay else 0
         sources = [fresh] * (ml.meta_batch - n_replay) + [None] * n_replay
         tasks, targets = [], []
         for teachers in sources:
-            pseudo = self.bank.sample_task(
-                ml.n_way, ml.k_shot, ml.q_query, self.rng, teachers=teachers, mix_teachers=tc.mix_teachers
-            )
+            pseudo = self._bank_task(teachers)
             tasks.append(pseudo.episode.to(self.device))
             targets.append(self._teacher_targets(pseudo) if ml.distill > 0 else None)
         return tasks, targets
+
+    def _bank_task(self, teachers: list[int] | None):
+        """One pseudo task of the configured shape from the bank: from ``teachers``, or the whole bank."""
+        ml = self.cfg.metalearn
+        return self.bank.sample_task(
+            ml.n_way, ml.k_shot, ml.q_query, self.rng, teachers=teachers, mix_teachers=self.cfg.taskcache.mix_teachers
+        )
 
     def _teacher_targets(self, pseudo) -> torch.Tensor:
         """``(N*Q, N)`` distillation targets: each query image's logits from the teacher that produced

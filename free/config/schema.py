@@ -206,6 +206,19 @@ class StorageConfig:
 
 
 @dataclass
+class RunnerConfig:
+    """Where fan-out work runs: teacher training and meta-test episode shards (``params/runner/``).
+
+    Never part of an output: no stage fingerprint and no DVC stage's params include it.
+    """
+
+    name: str = "local"  # local (in the stage's process) | dask (mapped Prefect tasks, flows/fanout.py)
+    address: Optional[str] = None  # an existing Dask scheduler; None = a LocalCluster on this machine
+    workers: int = 1  # LocalCluster worker processes (one task thread each)
+    shards: Optional[int] = None  # meta-test episode shards per shot setting; None = one per worker
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of one pipeline run."""
 
@@ -223,3 +236,4 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)

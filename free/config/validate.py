@@ -25,6 +25,8 @@ HEADS = ("linear", "proto")
 METALEARN_DATA = ("pseudo", "real")
 METALEARN_UPDATES = ("first_order", "official")
 METHODS = ("free", "free_noalign", "scratch", "pixels", "random_init", "oracle")
+RUNNERS = ("local", "dask")
+_SCHEDULER = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -203,6 +205,21 @@ def validate(cfg: Config) -> Config:
         cfg.method.name != "random_init" or ml.iterations == 0,
         "metalearn.iterations",
         f"method=random_init means no meta-training, but metalearn.iterations={ml.iterations}",
+    )
+
+    run = cfg.runner
+    one_of("runner.name", run.name, RUNNERS, "runner")
+    at_least("runner.workers", run.workers, 1)
+    need(run.shards is None or run.shards >= 1, "runner.shards", f"must be >= 1 or null, got {run.shards}")
+    need(
+        run.address is None or bool(_SCHEDULER.match(run.address)),
+        "runner.address",
+        f"{run.address!r} is not a Dask scheduler address like tcp://host:8786; null starts a LocalCluster",
+    )
+    need(
+        run.address is None or run.name == "dask",
+        "runner.address",
+        f"a scheduler address needs runner=dask, but runner.name={run.name!r}",
     )
 
     if errors:

@@ -62,10 +62,34 @@ def git_commit(project: Path) -> str:
         return "unknown"
 
 
+# How long an MLflow call may keep trying before the pipeline gives up on it, set unless the user set
+# them. MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) kept a run with MLflow down
+# going for 17 minutes. urllib3 (2.x) sleeps nothing after the first failed attempt, then
+# factor * 2**(n-1) + uniform(0, jitter) seconds after the n-th consecutive one. Here: 4 attempts,
+# sleeps 0, 2, 4 s (+ <= 0.5 each), so a blip of up to ~6 s (a server restart) is ridden out, and
+#   MLflow down (connection refused at once):      one call fails within 7.5 s;
+#   MLflow hung (accepts, never answers): 4 x 5 s timeout + 7.5 s = 27.5 s.
+# The flow's tracking tasks have no Prefect retries on top (flows/pipeline.py), and after a failed
+# tracking call the flow makes one more (ending the parent run FAILED), which fails the same way:
+# an outage during a run fails it within 2 x 7.5 = 15 s (down) or 2 x 27.5 = 55 s (hung): under 60 s.
+# A read timeout of 5 s is plenty for the pipeline's calls on one machine (the largest, an artifact
+# upload of the model through the server's proxy, answers once the server has stored the file); for a
+# remote server and large models set MLFLOW_HTTP_REQUEST_TIMEOUT higher.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
+
 def client(cfg: Config) -> MlflowClient:
-    """A client of the configured tracking server (``MLFLOW_TRACKING_URI`` wins, see free.config)."""
+    """A client of the configured tracking server (``MLFLOW_TRACKING_URI`` wins, see free.config),
+    with bounded retries and timeouts (:data:`HTTP_LIMITS`, unless set in the environment)."""
     # tqdm bars of artifact up/downloads would only be redraw noise in the worker's log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)  # read by MLflow at each request
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     return MlflowClient(cfg.tracking.tracking_uri)
 

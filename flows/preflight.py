@@ -1,0 +1,135 @@
+"""Preflight of a pipeline run: can the services it will talk to be reached at all?
+
+Checked at flow start, before ``params.yaml`` is written or a stage runs, each with a short timeout
+and all at once, so a stack that is down fails the run in seconds (before: MLflow's own retries
+kept a run with MLflow down going for 17 minutes) with one message naming every unreachable URI:
+
+* MLflow: the tracking URI (``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``), ``GET /health``;
+* S3: the endpoint of the DVC remote that ``dvc push`` will use (``core.remote`` and its
+  ``endpointurl`` from ``.dvc/config`` and ``.dvc/config.local``, where ``free stack up`` writes it);
+  skipped, and said so, when the remote is not an ``s3://`` one or nothing will be pushed;
+* Prefect: ``PREFECT_API_URL``, ``GET /health``; skipped when unset (a temporary server runs the flow).
+
+Reachable means an HTTP answer below 500 (an S3 endpoint answers an anonymous ``GET /`` with 403, a
+proxy in front of a dead server with 502). Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+TIMEOUT = 3.0  # seconds per endpoint; the endpoints are checked at the same time
+FIX = (
+    "Is the stack up? `free stack status` shows it, `free stack up` starts it (or `make stack-up`); "
+    "or point the settings above at running servers."
+)
+
+
+class PreflightError(RuntimeError):
+    """An endpoint the run needs does not answer; the message names each one and the fix."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    service: str  # MLflow | S3 | Prefect
+    uri: str  # as configured (what the user recognises)
+    probe: str  # the URL requested
+    setting: str  # where the URI comes from
+
+
+def dvc_remote(project: Path) -> tuple[str, str, str] | None:
+    """``(name, url, endpointurl)`` of the default DVC remote of ``project``, from ``.dvc/config``
+    with ``.dvc/config.local`` over it (DVC's own precedence; its global and system files are not
+    read), or None when no default remote is set. ``endpointurl`` is "" when not set."""
+    from configobj import ConfigObj  # DVC's own reader of its config files
+
+    merged: dict[str, dict[str, str]] = {}
+    for name in ("config", "config.local"):
+        path = project / ".dvc" / name
+        if path.is_file():
+            for section, values in ConfigObj(str(path), interpolation=False).items():
+                if isinstance(values, dict):
+                    merged.setdefault(section, {}).update(values)
+    remote = merged.get("core", {}).get("remote")
+    if not remote:
+        return None
+    section = merged.get(f'remote "{remote}"', {})
+    return remote, section.get("url", ""), section.get("endpointurl", "")
+
+
+def endpoints(
+    project: Path, tracking_uri: str, push: bool = True, prefect_api_url: str | None = None
+) -> tuple[list[Endpoint], list[str]]:
+    """What to check for a run of ``project``, and one line for each check that is skipped (why)."""
+    checks, skipped = [], []
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        health = f"{tracking_uri.rstrip('/')}/health"
+        checks.append(Endpoint("MLflow", tracking_uri, health, "MLFLOW_TRACKING_URI / tracking.tracking_uri"))
+    else:
+        skipped.append(f"MLflow: {tracking_uri} is not a server (no HTTP check)")
+    remote = dvc_remote(project)
+    if not push:
+        skipped.append("S3: not checked (this run pushes nothing: push=false)")
+    elif remote is None:
+        skipped.append("S3: no default DVC remote in .dvc/config(.local) (`dvc push` would fail: see `dvc remote`)")
+    elif not remote[1].startswith("s3://"):
+        skipped.append(f"S3: DVC remote {remote[0]} is {remote[1] or '(no url)'}, not an s3:// one: not checked")
+    else:
+        endpoint = remote[2] or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            setting = f"endpointurl of DVC remote {remote[0]}, `dvc remote list`"
+            checks.append(Endpoint("S3", endpoint, endpoint.rstrip("/") + "/", setting))
+        else:
+            skipped.append(f"S3: DVC remote {remote[0]} ({remote[1]}) has no endpointurl: AWS's S3, not checked")
+    api = prefect_api_url if prefect_api_url is not None else os.environ.get("PREFECT_API_URL", "")
+    if api:
+        checks.append(Endpoint("Prefect", api, f"{api.rstrip('/')}/health", "PREFECT_API_URL"))
+    else:
+        skipped.append("Prefect: PREFECT_API_URL is not set (a temporary local server runs this flow): not checked")
+    return checks, skipped
+
+
+def probe(endpoint: Endpoint, timeout: float = TIMEOUT) -> str | None:
+    """None when ``endpoint`` answers with an HTTP status below 500, else why not (one phrase)."""
+    try:
+        with urllib.request.urlopen(endpoint.probe, timeout=timeout) as response:  # noqa: S310 (configured URL)
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except urllib.error.URLError as e:
+        return str(e.reason)
+    except (OSError, ValueError) as e:  # a timeout, a reset, a malformed URL
+        return str(e) or type(e).__name__
+    return None if status < 500 else f"HTTP {status}"
+
+
+def check(
+    project: Path, tracking_uri: str, push: bool = True, prefect_api_url: str | None = None,
+    timeout: float = TIMEOUT,
+) -> list[str]:  # fmt: skip
+    """Probe every endpoint at once; the report lines when all answer.
+
+    Raises:
+        PreflightError: one or more do not answer; names each URI, the setting it comes from, the
+            reason, and what to do.
+    """
+    checks, skipped = endpoints(project, tracking_uri, push, prefect_api_url)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, len(checks))) as pool:
+        failures = list(pool.map(lambda e: probe(e, timeout), checks))
+    seconds = time.monotonic() - started
+    down = [(e, why) for e, why in zip(checks, failures, strict=True) if why]
+    if down:
+        lines = [f"{e.service} at {e.uri} ({e.setting}): {why}" for e, why in down]
+        raise PreflightError(
+            f"preflight: {len(down)} of {len(checks)} endpoints unreachable after {seconds:.1f} s:\n  "
+            + "\n  ".join(lines) + f"\n{FIX}"
+        )
+    return [f"{e.service} at {e.uri}: ok" for e in checks] + skipped

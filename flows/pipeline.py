@@ -23,6 +23,7 @@ and ``metatrain`` keeps its resume checkpoint, so running the flow again resumes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -36,11 +37,12 @@ from typing import Any
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from rich.markup import escape
 
-from flows import tracking
-from free.config import Config, ConfigError, load_params, params_yaml
+from flows import preflight, tracking
+from free.config import Config, ConfigError, compose, load_params, params_yaml
 
 STAGES = ("data", "teachers", "metatrain", "metatest")
 TAIL_LINES = 15  # of a failed stage's output, shown in the watched output and the error
@@ -208,12 +210,15 @@ def run_stage(project: Path, stage: str) -> dict[str, Any]:
     return {"stage": stage, "ran": outcome == "ran", "outcome": outcome, "seconds": round(seconds, 1)}
 
 
-@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)  # tracking server: network
+# Tracking tasks: no Prefect retries. MLflow's client retries each call itself, bounded so that an
+# outage fails the run in under 60 s (the arithmetic: flows/tracking.py, HTTP_LIMITS); retrying the
+# task on top multiplied that (4 attempts x MLflow's 4 minutes: 17 minutes before).
+@task(cache_policy=NO_CACHE)
 def open_tracking(cfg: Config, params: dict, tags: dict[str, str], params_text: str) -> str:
     return tracking.start_parent(cfg, params, tags, params_text)
 
 
-@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def track_stage(
     parent_id: str, stage: str, project: Path, cfg: Config, params: dict, info: dict, log_file: Path
 ) -> str:
@@ -227,11 +232,11 @@ def push_outputs(project: Path) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"dvc push failed:\n{output[-3000:]}")
     lines = [line for line in output.strip().splitlines() if line.strip() and not is_noise(line)]
-    get_run_logger().info("%s", lines[-1] if lines else "dvc push: nothing to push")
+    _logger().info("%s", lines[-1] if lines else "dvc push: nothing to push")
     return output
 
 
-@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)  # registry: network
+@task(cache_policy=NO_CACHE)  # registry: MLflow's bounded retries, as above
 def register(parent_id: str, project: Path, cfg: Config, metrics: dict, lineage: dict[str, str]) -> dict:
     """Log the pyfunc model, register a version, tag it with its metrics and lineage, alias challenger."""
     name, version = tracking.log_model(parent_id, project, cfg, metrics)
@@ -256,6 +261,7 @@ def full_pipeline(
     if restore_params(project):  # a run killed before it could put params.yaml back
         logger.warning("params.yaml: put back the file that an interrupted run had replaced")
     all_overrides = [*([f"experiment={experiment}"] if experiment else []), *(overrides or [])]
+    _preflight(project, all_overrides, push)
     commit = tracking.git_commit(project)  # before params.yaml is replaced for the run
     try:
         params = write_params(project, all_overrides)
@@ -266,21 +272,58 @@ def full_pipeline(
     finally:
         if restore_params(project):
             logger.info("params.yaml: put back as the run found it")
-    try:
-        metrics = json.loads((project / cfg.paths.artifacts_dir / "metrics" / "metatest.json").read_text())
-        lineage = {**tracking.lineage_tags(project, cfg), "git.commit": commit}
-        if push:
-            push_outputs(project)
-        model = register(parent_id, project, cfg, metrics, lineage) if register_model else None
-    except BaseException:
-        tracking.finish(cfg, parent_id, "FAILED")
-        raise
-    tracking.finish(cfg, parent_id, "FINISHED", tags=lineage, metrics=tracking.headline(metrics))
+    metrics, model = conclude(project, cfg, parent_id, commit, push, register_model)
     logger.info("%s", metrics_line(metrics))
     _announce("free.pipeline", "free.pipeline.metrics", metrics_line(metrics))
     summary = {"mlflow_run_id": parent_id, "metrics": metrics, "model": model, "stages": stages}
     create_markdown_artifact(_report(cfg, parent_id, metrics, model, all_overrides, stages), key="free-pipeline-report")
     return summary
+
+
+def conclude(
+    project: Path, cfg: Config, parent_id: str, commit: str, push: bool, register_model: bool
+) -> tuple[dict, dict | None]:
+    """What follows the finished stages, in the flow and in ``free register``: push the outputs to the
+    DVC remote (``push``), register the meta-learner with alias ``challenger`` (``register_model``),
+    end the parent run FINISHED with the lineage tags and headline metrics, or FAILED if any of it
+    fails. Returns ``(metrics, model)``. Outside a flow run the tasks run as plain functions."""
+    try:
+        metrics = json.loads((project / cfg.paths.artifacts_dir / "metrics" / "metatest.json").read_text())
+        lineage = {**tracking.lineage_tags(project, cfg), "git.commit": commit}
+        if push:
+            _call(push_outputs, project)
+        model = _call(register, parent_id, project, cfg, metrics, lineage) if register_model else None
+    except BaseException:
+        tracking.finish(cfg, parent_id, "FAILED")
+        raise
+    tracking.finish(cfg, parent_id, "FINISHED", tags=lineage, metrics=tracking.headline(metrics))
+    return metrics, model
+
+
+def _call(step: Any, *args: Any) -> Any:
+    """A task of a flow run as a task; outside one (``free register``) its plain function, which
+    needs no Prefect server."""
+    return step(*args) if FlowRunContext.get() else step.fn(*args)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    return get_run_logger() if FlowRunContext.get() else logging.getLogger("flows.pipeline")
+
+
+def _preflight(project: Path, overrides: list[str], push: bool) -> None:
+    """:func:`flows.preflight.check` before anything is written: a ``free.preflight`` event (one line
+    in ``--watch``) and, if an endpoint does not answer, the run fails with each one named."""
+    try:
+        tracking_uri = compose(overrides).tracking.tracking_uri
+    except ConfigError:  # write_params reports it; check the server of the environment meanwhile
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or Config().tracking.tracking_uri
+    try:
+        lines = preflight.check(project, tracking_uri, push)
+    except preflight.PreflightError as err:
+        _announce("free.preflight", "free.preflight", str(err), {"free.preflight.outcome": "failed"})
+        raise
+    get_run_logger().info("preflight: %s", "; ".join(lines))
+    _announce("free.preflight", "free.preflight", "preflight: " + "; ".join(lines))
 
 
 def _run_stages(project: Path, cfg: Config, params: dict, parent_id: str) -> list[dict[str, Any]]:

@@ -65,9 +65,10 @@ def dvc_remote(project: Path) -> tuple[str, str, str] | None:
 
 
 def endpoints(
-    project: Path, tracking_uri: str, push: bool = True, prefect_api_url: str | None = None
+    project: Path, tracking_uri: str, push: bool = True, prefect_api_url: str | None = None, prefect: bool = True
 ) -> tuple[list[Endpoint], list[str]]:
-    """What to check for a run of ``project``, and one line for each check that is skipped (why)."""
+    """What to check for a run of ``project``, and one line for each check that is skipped (why).
+    ``prefect_api_url``: default ``$PREFECT_API_URL``; ``prefect=False``: no Prefect check at all."""
     checks, skipped = [], []
     if urlparse(tracking_uri).scheme in ("http", "https"):
         health = f"{tracking_uri.rstrip('/')}/health"
@@ -89,9 +90,9 @@ def endpoints(
         else:
             skipped.append(f"S3: DVC remote {remote[0]} ({remote[1]}) has no endpointurl: AWS's S3, not checked")
     api = prefect_api_url if prefect_api_url is not None else os.environ.get("PREFECT_API_URL", "")
-    if api:
+    if prefect and api:
         checks.append(Endpoint("Prefect", api, f"{api.rstrip('/')}/health", "PREFECT_API_URL"))
-    else:
+    elif prefect:
         skipped.append("Prefect: PREFECT_API_URL is not set (a temporary local server runs this flow): not checked")
     return checks, skipped
 
@@ -112,7 +113,7 @@ def probe(endpoint: Endpoint, timeout: float = TIMEOUT) -> str | None:
 
 def check(
     project: Path, tracking_uri: str, push: bool = True, prefect_api_url: str | None = None,
-    timeout: float = TIMEOUT,
+    prefect: bool = True, timeout: float = TIMEOUT,
 ) -> list[str]:  # fmt: skip
     """Probe every endpoint at once; the report lines when all answer.
 
@@ -120,7 +121,7 @@ def check(
         PreflightError: one or more do not answer; names each URI, the setting it comes from, the
             reason, and what to do.
     """
-    checks, skipped = endpoints(project, tracking_uri, push, prefect_api_url)
+    checks, skipped = endpoints(project, tracking_uri, push, prefect_api_url, prefect)
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, len(checks))) as pool:
         failures = list(pool.map(lambda e: probe(e, timeout), checks))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -269,3 +270,86 @@ def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tupl
             registered_model_name=cfg.tracking.registered_model,
         )
     return cfg.tracking.registered_model, str(info.registered_model_version)
+
+
+class NotUpToDate(RuntimeError):
+    """``dvc status`` says a stage's outputs do not match its code, data or params: registering them
+    would record a model under settings that did not make it."""
+
+
+def stale_stages(project: Path) -> dict:
+    """``dvc status --json`` of ``project`` (reads, never runs a stage): ``{}`` when every stage is up
+    to date, else ``{stage: [what changed]}``.
+
+    Raises:
+        NotUpToDate: ``dvc status`` itself failed (e.g. another DVC command holds the repo lock).
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise NotUpToDate(f"`dvc status` failed in {project}: {(proc.stderr or proc.stdout).strip()[-1500:]}")
+    return json.loads(proc.stdout.strip() or "{}")
+
+
+def register_finished(project: Path, push: bool = False) -> dict:
+    """Log a pipeline run whose stages finished (``dvc status`` clean) and register its model, without
+    running anything again: what the flow's tracking did or would have done (e.g. when MLflow was
+    down). First :mod:`flows.preflight` (MLflow; S3 when ``push``), then a parent run (``params.yaml``,
+    tag ``pipeline.registered_later``), a nested run per stage
+    from its outputs and its last output log (``.dvc/tmp/free-stage-logs/<stage>.log``), then the
+    flow's own tail (:func:`flows.pipeline.conclude`): ``dvc push`` when ``push``, a model version
+    with its metrics and lineage, alias ``challenger``, the parent run FINISHED.
+
+    Raises:
+        NotUpToDate: a stage is not up to date (names them; nothing is logged).
+        flows.preflight.PreflightError: MLflow (or, with ``push``, S3) does not answer.
+    """
+    import yaml
+
+    from flows import preflight
+    from flows.pipeline import STAGE_LOGS, STAGES, conclude, stage_outcome
+    from free.config import load_params
+
+    stale = stale_stages(project)
+    if stale:
+        names = ", ".join(f"{stage} ({_changes(what)})" for stage, what in stale.items())
+        raise NotUpToDate(
+            f"not registered: `dvc status` says these stages are not up to date: {names}. Their outputs "
+            "are not those of the current code and params.yaml; run the pipeline (`dvc repro` or the flow) "
+            "first, or put params.yaml back to the run's settings (`free config params <the run's overrides>`)"
+        )
+    params_text = (project / "params.yaml").read_text()
+    params, cfg = yaml.safe_load(params_text), load_params(project / "params.yaml")
+    checked = preflight.check(project, cfg.tracking.tracking_uri, push, prefect=False)
+    commit = git_commit(project)
+    tags = {
+        "mlflow.runName": f"free register {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        "pipeline.registered_later": "true",  # by `free register`, from the finished stages' outputs
+        "pipeline.overrides": "(params.yaml as found)",
+        "git.commit": commit,
+    }
+    parent_id = start_parent(cfg, params, tags, params_text)
+    try:
+        for stage in STAGES:
+            log_file = project / STAGE_LOGS / f"{stage}.log"
+            lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
+            info = {"stage": stage, "outcome": stage_outcome(stage, lines), "registered_later": True}
+            log_stage(parent_id, stage, project, cfg, params, info, log_file)
+    except BaseException:
+        finish(cfg, parent_id, "FAILED")
+        raise
+    metrics, model = conclude(project, cfg, parent_id, commit, push, register_model=True)
+    return {"mlflow_run_id": parent_id, "metrics": metrics, "model": model, "pushed": push, "preflight": checked}
+
+
+def _changes(what: list) -> str:
+    """DVC's per-stage status entries (``"changed command"``, ``{"changed deps": {...}}``) in a few words."""
+    words = []
+    for entry in what:
+        if isinstance(entry, dict):
+            for kind, detail in entry.items():
+                words.append(f"{kind}: {', '.join(detail) if isinstance(detail, dict) else detail}")
+        else:
+            words.append(str(entry))
+    return "; ".join(words)

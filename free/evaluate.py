@@ -163,11 +163,53 @@ def evaluate(
     Returns:
         ``(E,)`` float accuracies on the CPU, in episode order.
     """
-    if episodes < 1 or episode_batch < 1:
-        raise ValueError(f"need episodes >= 1 and episode_batch >= 1, got {episodes} and {episode_batch}")
+    if episodes < 1:
+        raise ValueError(f"need episodes >= 1, got {episodes}")
+    shape, loop = (n_way, k_shot, q_query), (inner_steps, inner_lr)
+    return evaluate_range(
+        model, params, buffers, split, *shape, 0, episodes, *loop, seed, episode_batch, vectorised, progress
+    )
+
+
+def evaluate_range(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    split: FewShotSplit,
+    n_way: int,
+    k_shot: int,
+    q_query: int,
+    start: int,
+    stop: int,
+    inner_steps: int,
+    inner_lr: float,
+    seed: int,
+    episode_batch: int,
+    vectorised: bool = True,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Per-episode accuracies of episodes ``start .. stop - 1`` of :func:`evaluate`'s stream.
+
+    The unit of a meta-test shard (``runner=dask``, :func:`episode_shards`): the sampler is replayed
+    past the first ``start`` episodes (drawing indices and images only, no adaptation), so episode
+    ``i`` is the same episode whichever shard evaluates it, and the shards' results concatenated in
+    order are :func:`evaluate`'s. Chunks stay on the global grid of ``episode_batch`` (a chunk never
+    straddles a multiple of it), so a vectorised shard batches the same episodes together as the
+    whole run does.
+
+    Args: as :func:`evaluate`, with ``0 <= start < stop`` in place of ``episodes``.
+
+    Returns:
+        ``(stop - start,)`` float accuracies on the CPU, in episode order.
+    """
+    if not 0 <= start < stop or episode_batch < 1:
+        raise ValueError(f"need 0 <= start < stop and episode_batch >= 1, got {start}, {stop} and {episode_batch}")
     sampler = EpisodeSampler(split, n_way, k_shot, q_query, seed=seed)
+    for _ in range(start):
+        sampler.sample(1)  # the stream of one episode per call, as _draw consumes it
     device = _device_of(params)
-    sizes = [min(episode_batch, episodes - start) for start in range(0, episodes, episode_batch)]
+    bounds = [start, *range((start // episode_batch + 1) * episode_batch, stop, episode_batch), stop]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     chunks: Iterable[int] = sizes
     if progress is not None:
         chunks = progress(sizes, f"meta-test {setting_key(n_way, k_shot)}", len(sizes))
@@ -176,6 +218,20 @@ def evaluate(
         batch = _draw(sampler, size).to(device)
         accs.append(episode_accuracies(model, params, buffers, batch, inner_steps, inner_lr, vectorised).cpu())
     return torch.cat(accs)
+
+
+def episode_shards(episodes: int, episode_batch: int, shards: int) -> list[tuple[int, int]]:
+    """Split episodes ``0 .. episodes - 1`` into at most ``shards`` contiguous ``(start, stop)`` ranges.
+
+    Boundaries fall on multiples of ``episode_batch`` (whole chunks per shard, see
+    :func:`evaluate_range`), as evenly as the chunks allow; never an empty range.
+    """
+    if episodes < 1 or episode_batch < 1 or shards < 1:
+        raise ValueError(f"need episodes, episode_batch and shards >= 1, got {episodes}, {episode_batch}, {shards}")
+    n_chunks = math.ceil(episodes / episode_batch)
+    n = min(shards, n_chunks)
+    cuts = [min(episodes, (n_chunks * k // n) * episode_batch) for k in range(n + 1)]
+    return list(zip(cuts, cuts[1:], strict=False))
 
 
 def _draw(sampler: EpisodeSampler, size: int) -> Episode:
@@ -236,9 +292,8 @@ def metatest(
         for different settings.
     """
     ev = cfg_evaluate
-    result: dict[str, Any] = {}
-    for k_shot in _unique(ev.shots):
-        accs = evaluate(
+    accs = {
+        k_shot: evaluate(
             model,
             params,
             buffers,
@@ -249,13 +304,34 @@ def metatest(
             ev.episodes,
             ev.inner_steps,
             inner_lr,
-            seed=ev.seed + k_shot,
+            seed=shot_seed(ev, k_shot),
             episode_batch=ev.episode_batch,
             vectorised=vectorised,
             progress=progress,
         )
-        result[setting_key(ev.n_way, k_shot)] = {**summarize(accs), "accs": accs.tolist()}
-    result["episodes"] = ev.episodes
+        for k_shot in shot_settings(ev)
+    }
+    return metatest_result(accs, ev.n_way, ev.episodes)
+
+
+def shot_settings(cfg_evaluate: Any) -> list[int]:
+    """The shot settings :func:`metatest` evaluates, in order (``evaluate.shots`` without repeats)."""
+    return _unique(cfg_evaluate.shots)
+
+
+def shot_seed(cfg_evaluate: Any, k_shot: int) -> int:
+    """Seed of the episode sampler of shot setting ``k_shot``: ``evaluate.seed + k_shot``."""
+    return cfg_evaluate.seed + k_shot
+
+
+def metatest_result(accs: dict[int, torch.Tensor], n_way: int, episodes: int) -> dict[str, Any]:
+    """:func:`metatest`'s result from the per-episode accuracies of each shot setting (in order);
+    the runner=dask path assembles its shards' accuracies with it too."""
+    result: dict[str, Any] = {
+        setting_key(n_way, k_shot): {**summarize(shot_accs), "accs": shot_accs.tolist()}
+        for k_shot, shot_accs in accs.items()
+    }
+    result["episodes"] = episodes
     return result
 
 

@@ -22,6 +22,10 @@ Services, in start order:
 * ``prefect`` ``prefect server start``: SQLite database under the state directory.
 * ``worker``  ``python -m flows.serve``: serves the deployments ``free/full-pipeline`` and
   ``promote/promote`` from the project directory, with the stack's settings in its environment.
+
+``backend`` (``sqlite``, the default, or ``postgres``, recorded in ``stack.json``): with ``postgres``
+a PostgreSQL server (service ``postgres``, after ``s3``) holds MLflow's and Prefect's stores instead
+of the SQLite files; see :mod:`free.stack_postgres`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class StackSettings:
     s3_port: int = field(default_factory=lambda: int(os.environ.get("FREE_S3_PORT", 8333)))
     aux_port: int = field(default_factory=lambda: int(os.environ.get("FREE_S3_AUX_PORT", 18334)))
     bucket: str = field(default_factory=lambda: os.environ.get("FREE_S3_BUCKET", "free"))
+    backend: str = field(default_factory=lambda: os.environ.get("FREE_STACK_BACKEND", "sqlite"))  # or postgres
+    postgres_port: int = field(default_factory=lambda: int(os.environ.get("FREE_POSTGRES_PORT", 0)))  # 0: a free one
     worker: bool = True  # serve the Prefect deployments too
 
     def __post_init__(self) -> None:
@@ -108,6 +114,8 @@ class Service:
     timeout: float  # seconds to become healthy
     env: dict[str, str] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)  # every port it binds (checked free before it starts)
+    prepare: Callable[[], dict[str, str]] | None = None  # run by `up` just before it starts; returns env to add
+    ready: Callable[[], None] | None = None  # run by `up` once it answers (also when it was running already)
 
 
 def credentials(settings: StackSettings) -> dict[str, str]:
@@ -222,6 +230,10 @@ def services(settings: StackSettings) -> list[Service]:
                 worker_env,
             )
         )
+    if settings.backend == "postgres":
+        from free.stack_postgres import use_postgres
+
+        use_postgres(settings, listed)
     return listed
 
 
@@ -286,6 +298,10 @@ def _state_of(service: Service, record: dict) -> tuple[str, list[psutil.Process]
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
+    if url.startswith("postgresql://"):  # no HTTP there: a login and a query
+        from free.stack_postgres import accepts_connections
+
+        return accepts_connections(url)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback URL we built)
             return 200 <= response.status < 300
@@ -349,6 +365,9 @@ def up(settings: StackSettings, say: Callable[[str], None] = print, only: list[s
         if path.is_file() and not path.is_symlink():
             path.chmod(0o600)
     state = _read_state(settings)
+    _check_backend(settings, state)
+    if settings.backend == "postgres" and not settings.postgres_port:
+        settings.postgres_port = free_port_block(1)  # chosen once, recorded below, kept by later ups
     state.update(_urls(settings))
     state["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
     for service in services(settings):
@@ -358,6 +377,8 @@ def up(settings: StackSettings, say: Callable[[str], None] = print, only: list[s
         condition, members = _state_of(service, record)
         if condition == "healthy":
             say(f"{service.name:8s} already running (pid {record['pid']}) {service.url}")
+            if service.ready:
+                service.ready()
             continue
         if members:
             why = "half-dead (its leader is gone)" if condition == "half-dead" else "not answering"
@@ -365,9 +386,27 @@ def up(settings: StackSettings, say: Callable[[str], None] = print, only: list[s
                 f"({len(members)} processes) to start it again")  # fmt: skip
             _stop_group(record, service.marker)
         _free_ports_or_fail(settings, state, service, say)
+        if service.prepare:
+            service.env.update(service.prepare())
         _start(settings, state, service, say)
+        if service.ready:
+            service.ready()
     configure_dvc_remote(settings)
     return status(settings)
+
+
+def _check_backend(settings: StackSettings, state: dict) -> None:
+    """Refuse an unknown backend, and a switch of backend while services of the other one run."""
+    if settings.backend not in ("sqlite", "postgres"):
+        raise StackError(f"unknown stack backend {settings.backend!r}: choose sqlite or postgres")
+    recorded = state.get("settings", {}).get("backend", "sqlite")
+    markers = {s.name: s.marker for s in services(settings)}
+    running = [name for name, record in state["services"].items() if _members(record, markers.get(name, name))]
+    if recorded != settings.backend and running:
+        raise StackError(
+            f"the stack in {settings.state_dir} runs on the {recorded} backend ({', '.join(running)}): stop it "
+            f"with `free stack down` before `free stack up --backend {settings.backend}`"
+        )
 
 
 def _free_ports_or_fail(settings: StackSettings, state: dict, service: Service, say: Callable[[str], None]) -> None:
@@ -529,6 +568,7 @@ def _urls(settings: StackSettings) -> dict:
         "mlflow_tracking_uri": settings.mlflow_tracking_uri,
         "s3_endpoint_url": settings.s3_endpoint_url,
         "s3_bucket": settings.bucket,
+        "backend": settings.backend,
         "dvc_remote": f"s3://{settings.bucket}/dvc",
         "mlflow_artifacts": f"s3://{settings.bucket}/mlflow",
     }

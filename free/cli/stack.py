@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,10 +25,15 @@ StateDir = Annotated[
 ]
 
 
-def _stack_settings(state_dir: Path | None, **given: int | None):
+def _stack_settings(state_dir: Path | None, **given: int | str | None):
     from free.stack import StackSettings
 
     return StackSettings.load(state_dir, **given)
+
+
+class Backend(StrEnum):
+    sqlite = "sqlite"
+    postgres = "postgres"
 
 
 def _s3_line(report: dict) -> str:
@@ -48,17 +54,31 @@ def stack_up(
         int | None, typer.Option(help="first of 9 more SeaweedFS ports; env FREE_S3_AUX_PORT; default 18334")
     ] = None,
     worker: Annotated[bool, typer.Option(help="Also serve the Prefect deployments (free/full-pipeline).")] = True,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(
+            help="Where MLflow and Prefect keep their data: SQLite files, or a local PostgreSQL server "
+            "(docs/SERVICES.md). Recorded: later commands keep it. env FREE_STACK_BACKEND; default sqlite",
+        ),
+    ] = None,
+    postgres_port: Annotated[
+        int | None,
+        typer.Option(help="PostgreSQL's port (postgres backend); env FREE_POSTGRES_PORT; default: a free one"),
+    ] = None,
 ) -> None:
     """Start (or keep) the Prefect server, MLflow server, S3 server and the deployment worker, on loopback."""
     from free import stack
 
+    ports = {"prefect_port": prefect_port, "mlflow_port": mlflow_port, "s3_port": s3_port, "aux_port": aux_port}
     settings = _stack_settings(
-        state_dir, prefect_port=prefect_port, mlflow_port=mlflow_port, s3_port=s3_port, aux_port=aux_port, worker=worker
+        state_dir, **ports, worker=worker, backend=backend and backend.value, postgres_port=postgres_port
     )
     report = stack.up(settings, say=lambda line: out.print(line, highlight=False))
     out.print(f"Prefect UI  {report['prefect_ui_url']}")
     out.print(f"MLflow UI   {report['mlflow_tracking_uri']}")
     out.print(f"S3          {_s3_line(report)}")
+    if settings.backend == "postgres":
+        out.print(f"PostgreSQL  {report['services']['postgres']['url']}: databases mlflow, prefect", highlight=False)
     out.print(f'Clients:    eval "$(free stack env)"   (credentials in {settings.state_dir}/credentials.env)')
 
 

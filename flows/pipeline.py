@@ -41,7 +41,7 @@ from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from rich.markup import escape
 
-from flows import preflight, tracking
+from flows import guards, preflight, tracking
 from free.config import Config, ConfigError, compose, load_params, params_yaml
 
 STAGES = ("data", "teachers", "metatrain", "metatest")
@@ -258,6 +258,7 @@ def full_pipeline(
     """The whole pipeline on ``experiment`` (a preset in params/experiment/, or "" for the defaults)."""
     project = Path.cwd()
     logger = get_run_logger()
+    _dvc_idle(project)  # before anything here touches params.yaml
     if restore_params(project):  # a run killed before it could put params.yaml back
         logger.warning("params.yaml: put back the file that an interrupted run had replaced")
     all_overrides = [*([f"experiment={experiment}"] if experiment else []), *(overrides or [])]
@@ -308,6 +309,17 @@ def _call(step: Any, *args: Any) -> Any:
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     return get_run_logger() if FlowRunContext.get() else logging.getLogger("flows.pipeline")
+
+
+def _dvc_idle(project: Path) -> None:
+    """:func:`flows.guards.ensure_dvc_idle`: while another DVC process works on the project (an orphaned
+    stage, a ``dvc repro`` by hand) the run fails at once, params.yaml untouched; a ``free.guard``
+    event names the holder (one line in ``--watch``)."""
+    try:
+        guards.ensure_dvc_idle(project)
+    except guards.RepoBusy as err:
+        _announce("free.guard", "free.guard", str(err), {"free.guard.outcome": "failed"})
+        raise
 
 
 def _preflight(project: Path, overrides: list[str], push: bool) -> None:

@@ -24,7 +24,7 @@ from free.checkpoints import CheckpointError, load_classifier
 from free.config.schema import Config, dataset_settings
 from free.data import load_splits
 from free.data.base import Progress
-from free.evaluate import metatest
+from free.evaluate import evaluate_range, metatest, metatest_result, shot_seed
 from free.maml import split_state
 
 METRICS_FILE = "metatest.json"
@@ -73,9 +73,12 @@ def run(cfg: Config, checkpoint: Path | None = None, progress: Progress | None =
     # Same numbers either way (tests/test_evaluate.py); measured with Conv4-64, 28x28, 10 steps: vmap
     # is 20-40x faster than the loop on an H100, but the loop is 1.3-2x faster on a 2-core CPU.
     vectorised = device.type != "cpu"
-    result = metatest(
-        model, params, buffers, split, cfg.evaluate, cfg.metalearn.inner_lr, progress=progress, vectorised=vectorised
-    )
+    if cfg.runner.name == "dask":
+        result = _metatest_on_dask(cfg, checkpoint)
+    else:
+        result = metatest(
+            model, params, buffers, split, cfg.evaluate, cfg.metalearn.inner_lr, progress, vectorised=vectorised
+        )
 
     headline = {k: ({"acc": v["acc"], "ci95": v["ci95"]} if isinstance(v, dict) else v) for k, v in result.items()}
     per_episode = {k: v["accs"] for k, v in result.items() if isinstance(v, dict)}
@@ -84,6 +87,51 @@ def run(cfg: Config, checkpoint: Path | None = None, progress: Progress | None =
     write_json(metrics_dir / METRICS_FILE, headline)
     mark_done(metrics_dir, fp, checkpoint=checkpoint.name, split="test", classes=split.n_classes)
     return headline
+
+
+def evaluate_shard(
+    cfg: Config, checkpoint: Path, k_shot: int, start: int, stop: int, threads: int | None
+) -> list[float]:
+    """Accuracies of episodes ``start .. stop - 1`` of shot setting ``k_shot``: the unit of fan-out.
+
+    What a ``runner=dask`` task runs (flows/fanout.py), in a worker process: it loads the checkpoint
+    and the meta-test split itself and returns plain floats, which :func:`run` concatenates in order
+    into the same metrics as the local loop (:func:`free.evaluate.evaluate_range`).
+    ``threads``: the stage process's intra-op thread count, which the numbers depend on.
+    """
+    set_threads(threads)
+    device = resolve_device(cfg.device)
+    model, _ = load_classifier(checkpoint)
+    params, buffers = split_state(model.to(device))
+    split = load_splits(cfg.dataset, cfg.paths.cache_dir)["test"]
+    ev = cfg.evaluate
+    accs = evaluate_range(
+        model,
+        params,
+        buffers,
+        split,
+        ev.n_way,
+        k_shot,
+        ev.q_query,
+        start,
+        stop,
+        ev.inner_steps,
+        cfg.metalearn.inner_lr,
+        shot_seed(ev, k_shot),
+        ev.episode_batch,
+        vectorised=device.type != "cpu",  # as run() chooses
+    )
+    return accs.tolist()
+
+
+def _metatest_on_dask(cfg: Config, checkpoint: Path) -> dict[str, Any]:
+    """Episode shards of every shot setting as mapped Prefect tasks on Dask, assembled in order."""
+    import torch
+
+    from flows.fanout import metatest_shards  # Prefect and Dask live in flows/, loaded for this runner only
+
+    accs = metatest_shards(cfg, checkpoint.resolve(), torch.get_num_threads())
+    return metatest_result({k: torch.tensor(v) for k, v in accs.items()}, cfg.evaluate.n_way, cfg.evaluate.episodes)
 
 
 def _settings(cfg: Config) -> dict[str, Any]:

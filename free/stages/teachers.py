@@ -95,15 +95,18 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
     split = load_splits(cfg.dataset, cfg.paths.cache_dir)["train"]  # teachers only see meta-train classes
     subsets = sample_class_subsets(split.n_classes, t.n_teachers, t.n_way, cfg.seed)
     cards, trained, started = [], 0, time.perf_counter()
-    indices: Any = range(t.n_teachers)
-    if progress is not None:
-        indices = progress(indices, "training teachers", t.n_teachers)
-    for i in indices:
-        card = _reusable_card(out, i, teacher_fp)
-        if card is None:
-            card = _train_and_save(cfg, split, i, subsets[i], device, teacher_fp, out)
-            trained += 1
-        cards.append(card)
+    if cfg.runner.name == "dask":
+        cards, trained = _train_on_dask(cfg, out, teacher_fp)
+    else:
+        indices: Any = range(t.n_teachers)
+        if progress is not None:
+            indices = progress(indices, "training teachers", t.n_teachers)
+        for i in indices:
+            card = _reusable_card(out, i, teacher_fp)
+            if card is None:
+                card = _train_and_save(cfg, split, i, subsets[i], device, teacher_fp, out)
+                trained += 1
+            cards.append(card)
     _remove_teachers(out, keep=t.n_teachers)  # leftovers of a larger zoo of an earlier config
     summary = _write_zoo(out, fp, cards, cfg.dataset.name, source="trained")
     seconds = time.perf_counter() - started
@@ -196,6 +199,40 @@ def _train_and_save(
     card = {**meta, "file": f"{name}.safetensors", "sha256": digest, "fingerprint": teacher_fp, "history": history}
     write_json(out / f"{name}.json", card)
     return card
+
+
+def train_into(cfg: Config, index: int, out: Path, teacher_fp: str, threads: int | None) -> dict[str, Any]:
+    """Train teacher ``index`` into folder ``out`` unless a reusable one is there: the unit of fan-out.
+
+    What a ``runner=dask`` task runs (flows/fanout.py), in a worker process: it takes paths and
+    numbers, writes the files as the local loop does, and returns a few numbers (never tensors).
+    ``threads``: the stage process's intra-op thread count, which the teacher's bits depend on.
+    """
+    set_threads(threads)
+    started = time.perf_counter()
+    if _reusable_card(out, index, teacher_fp) is not None:
+        return {"index": index, "trained": False, "seconds": 0.0}
+    t = cfg.teachers
+    split = load_splits(cfg.dataset, cfg.paths.cache_dir)["train"]
+    class_ids = sample_class_subsets(split.n_classes, t.n_teachers, t.n_way, cfg.seed)[index]
+    _train_and_save(cfg, split, index, class_ids, resolve_device(cfg.device), teacher_fp, out)
+    return {"index": index, "trained": True, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _train_on_dask(cfg: Config, out: Path, teacher_fp: str) -> tuple[list[dict[str, Any]], int]:
+    """Every teacher as a mapped Prefect task on Dask; then the cards, checked here as a rerun would."""
+    from flows.fanout import train_teachers  # Prefect and Dask live in flows/, loaded for this runner only
+
+    outcomes = train_teachers(cfg, out.resolve(), teacher_fp, torch.get_num_threads())
+    cards = [_reusable_card(out, i, teacher_fp) for i in range(cfg.teachers.n_teachers)]
+    missing = [i for i, card in enumerate(cards) if card is None]
+    if missing:
+        raise RuntimeError(
+            f"teachers {missing}: the dask runner reported them trained, but {out} lacks their files or they do "
+            "not match their cards; with runner.address, every worker must write into this same folder "
+            "(a filesystem shared with this machine)"
+        )
+    return [c for c in cards if c is not None], sum(o["trained"] for o in outcomes)
 
 
 def _reusable_card(out: Path, index: int, teacher_fp: str) -> dict[str, Any] | None:
@@ -506,4 +543,4 @@ def _split_classes(cfg: Config) -> dict[str, str]:
     return {name: split for split, names in classes.items() for name in names}
 
 
-__all__ = ["SEED_STRIDE", "SHIFT", "import_teachers", "run", "teacher_seed", "teachers_dir", "train_one"]
+__all__ = ["SEED_STRIDE", "SHIFT", "import_teachers", "run", "teacher_seed", "teachers_dir", "train_into", "train_one"]

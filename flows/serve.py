@@ -2,27 +2,74 @@
 
 ``free stack up`` starts it (service ``worker``) in the project directory with the stack's settings
 in its environment; ``python -m flows.serve`` runs it by hand (set PREFECT_API_URL first). Flow
-runs execute in subprocesses of this one, in the project directory.
+runs execute in subprocesses of this one (same process group), in the project directory.
+
+Before it takes runs, it cleans up after a worker that died (:func:`flows.recovery.reconcile`): runs
+of these deployments left RUNNING without a process become Crashed, what is left of their processes
+is stopped, their MLflow runs end FAILED. While it serves, each flow run sends a heartbeat every
+:data:`HEARTBEAT_SECONDS`, and a Prefect automation crashes a run whose heartbeats stop for
+:data:`ZOMBIE_AFTER_SECONDS` (the worker died and nothing restarted it).
 """
 
-from prefect import serve
+from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
+
+from prefect.exceptions import TerminationSignal
+from prefect.runner import Runner
+
+from flows import recovery
 from flows.pipeline import full_pipeline
 from flows.promotion import promote_flow
 
+HEARTBEAT_SECONDS = 30  # Prefect's minimum
+ZOMBIE_AFTER_SECONDS = 90  # three heartbeats missed: slow but alive runs on a busy machine are spared
 
-def main() -> None:
-    serve(
-        full_pipeline.to_deployment(
+
+def say(line: str) -> None:
+    """One line of the worker's own log (its stdout: ``state/logs/worker.log`` under the stack)."""
+    print(f"{time.strftime('%H:%M:%S')} | flows.serve | {line}", flush=True)
+
+
+def deployments() -> list:
+    """The two deployments, their flows with the hooks that let a later worker clean up after this one."""
+    hooks = {
+        "on_running": [recovery.record_process],
+        "on_crashed": [recovery.end_tracking],
+        "on_cancellation": [recovery.end_tracking],
+    }
+    return [
+        full_pipeline.with_options(**hooks).to_deployment(
             name="full-pipeline",
             description="FREE end to end through DVC, tracked in MLflow; registers the meta-learner (challenger).",
             parameters={"experiment": "tiny", "overrides": []},
         ),
-        promote_flow.to_deployment(
+        promote_flow.with_options(**hooks).to_deployment(
             name="promote", description="Move alias champion to the challenger if it is not worse beyond the CI."
         ),
-        limit=1,  # one pipeline at a time: they share the working tree and dvc.lock
-    )
+    ]
+
+
+def main() -> None:
+    try:
+        recovery.reconcile(Path.cwd(), say=say)
+    except Exception as err:  # noqa: BLE001 (cleaning up must not keep the worker from serving)
+        say(f"reconciling the runs of a previous worker failed, serving anyway: {err!r}")
+    # What prefect.serve() does, with heartbeats on and the deployments' ids for the automation.
+    # limit=1: one pipeline at a time, they share the working tree and dvc.lock
+    runner = Runner(limit=1, heartbeat_seconds=HEARTBEAT_SECONDS, pause_on_shutdown=True)
+    ids = [runner.add_deployment(deployment) for deployment in deployments()]
+    try:
+        recovery.ensure_zombie_automation(ids, ZOMBIE_AFTER_SECONDS, say=say)
+    except Exception as err:  # noqa: BLE001 (a restart reconciles anyway)
+        say(f"could not create the zombie-run automation: {err!r}")
+    say(f"serving {', '.join(recovery.DEPLOYMENTS)} (one run at a time)")
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        say(f"received {type(exc).__name__}, shutting down")
 
 
 if __name__ == "__main__":

@@ -218,6 +218,62 @@ def tune(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def units(result: dict[str, Any]) -> str:
+    """Primitives measured, units composed from them (and run whole where cheap), a paper run's totals."""
+    settings, a = result["settings"], result["assumptions"]
+    start, end = result["load_average_start"][0], result["load_average_end"][0]
+    lines = [
+        f"{result['device']}, {result['threads']} threads, load average {start:.1f} → {end:.1f}; primitives on "
+        f"{settings['batch']} images, median of {settings['repeats']} calls.",
+        "",
+        "| network | pass | GFLOP / image | s / image | GFLOP/s | MiB / image | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in result["primitives"]:
+        n = p["images"]
+        lines.append(
+            f"| {p['network']} | {p['pass']} | {p['flops'] / n / 1e9:.3f} | {p['seconds'] / n:.3f} | "
+            f"{p['flops'] / p['seconds'] / 1e9:.1f} | {p['extra_mib'] / n:.1f} | {p['load_before']:.1f} |"
+        )
+    lines += [
+        "",
+        "| unit | learner | GFLOP | s here (composed) | s here (whole unit) | memory MiB (est.) | per run | "
+        "PFLOP per run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    shown: set[str] = set()
+    for r in result["units"]:
+        teacher = r["stage"] == "teachers"
+        if teacher and r["unit"] in shown:
+            continue  # the same for every learner
+        shown.add(r["unit"])
+        whole = f"{r['direct']['seconds']:.2f}" if "direct" in r else "—"
+        lines.append(
+            f"| {r['unit']} | {'—' if teacher else r['learner']} | {r['flops'] / 1e9:,.1f} | {r['seconds']:,.2f} | "
+            f"{whole} | {r['memory_mib']:,.0f} | {r['count']:,} | {r['count'] * r['flops'] / 1e15:,.2f} |"
+        )
+    gpus = list(next(iter(result["paper_run"].values()))["gpu_wall_seconds"])
+    lines += [
+        "",
+        f"GPU hours assume {a['gpu_tflops']:g} TFLOP/s achieved and at least {a['gpu_ms_per_pass']:g} ms per "
+        "sequential pass (estimates, not measurements); teacher counts assume no early stop.",
+        "",
+        "| learner | stage | PFLOP | CPU hours here | " + " | ".join(f"GPU h, {g} GPU" for g in gpus) + " |",
+        "|---|---|---|---|" + "---|" * len(gpus),
+    ]
+    for learner, run in result["paper_run"].items():
+        for stage, s in run["stages"].items():
+            wall = " | ".join(f"{run['gpu_wall_seconds'][g][stage] / 3600:.2f}" for g in gpus)
+            lines.append(
+                f"| {learner} | {stage} | {s['flops'] / 1e15:,.1f} | {s['cpu_seconds'] / 3600:,.0f} | {wall} |"
+            )
+        flops = sum(s["flops"] for s in run["stages"].values()) / 1e15
+        cpu = sum(s["cpu_seconds"] for s in run["stages"].values()) / 3600
+        wall = " | ".join(f"**{run['gpu_wall_seconds'][g]['total'] / 3600:.2f}**" for g in gpus)
+        lines.append(f"| {learner} | **total** | {flops:,.1f} | {cpu:,.0f} | {wall} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "recovery": recovery,
     "accuracy": accuracy,
@@ -225,6 +281,7 @@ RENDERERS = {
     "pipeline": pipeline,
     "hotpaths": hotpaths,
     "tune": tune,
+    "units": units,
 }
 
 

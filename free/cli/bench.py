@@ -234,3 +234,35 @@ def bench_serve_load(
     out.print(f"wrote {path}", highlight=False)
     if result["errors"] or result["mismatches"] or not result["server_stopped"]:
         raise typer.Exit(1)
+
+
+@bench_app.command("units")
+@friendly_errors
+def bench_units(
+    overrides: Overrides = None,
+    learners: Annotated[
+        str, typer.Option(help="Comma-separated meta-learners ARCH:WIDTH to cost.")
+    ] = "conv4:32,conv4:64,resnet18:32,resnet18:64",
+    batch: Annotated[int, typer.Option(min=1, help="Images per primitive measurement.")] = 2,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed calls per measurement (median).")] = 3,
+    images_per_class: Annotated[
+        int, typer.Option(min=2, help="Images per class of the data set (teacher steps per epoch).")
+    ] = 600,
+    direct_gflop: Annotated[float, typer.Option(help="Also run a unit whole when it costs at most this.")] = 12.0,
+    assumed_tflops: Annotated[float, typer.Option(help="Assumed achieved GPU throughput (estimates only).")] = 20.0,
+    assumed_ms_per_pass: Annotated[float, typer.Option(help="Assumed GPU floor per sequential pass (ms).")] = 1.0,
+    out_file: BenchOut = None,
+) -> None:
+    """Per-unit FLOPs, seconds and memory at the configured shapes (e.g. experiment=mini_imagenet, no data
+    needed), the unit counts of a run, and its estimated wall time on 1, 4 and 16 GPUs (docs/SCALING.md)."""
+    from free.bench import units
+
+    try:
+        chosen = units.parse_learners(learners)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--learners") from None
+    settings = units.UnitsBench(
+        chosen, batch, repeats, images_per_class, direct_gflop, assumed_tflops, assumed_ms_per_pass
+    )
+    result = units.run(compose_config(overrides), settings, say=lambda m: out.print(m, highlight=False))
+    _bench_done("units", result, out_file, units.plot)

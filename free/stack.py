@@ -148,7 +148,16 @@ def client_env(settings: StackSettings) -> dict[str, str]:
         "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url,
         "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
         "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        **(postgres_client_env(settings) if settings.backend == "postgres" else {}),
     }
+
+
+def postgres_client_env(settings: StackSettings) -> dict[str, str]:
+    """libpq's settings for ``psql`` and friends: the server, the role, the password *file* (not the password)."""
+    from free.stack_postgres import USER, pgpass_path
+
+    port, passfile = str(settings.postgres_port), str(pgpass_path(settings))
+    return {"PGHOST": HOST, "PGPORT": port, "PGUSER": USER, "PGPASSFILE": passfile}
 
 
 def use_running_stack(purpose: str, state_dir: Path | None = None) -> str:

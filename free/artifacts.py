@@ -3,7 +3,13 @@
 Edge code shared by the stages (``free/stages/``): the algorithm modules never touch the disk.
 
 * Every file is written to a temporary name and renamed, so a killed stage never leaves a
-  half-written artifact where a finished one is expected.
+  half-written artifact where a finished one is expected; the temporary files a killed writer
+  leaves behind are removed when the stage runs again (:func:`remove_stale_tmp`), so they never
+  end up in an output folder that DVC hashes.
+* A stage checks that its output folders take a write before it computes anything
+  (:func:`check_writable`), and a write that fails (disk full, read-only, no permission) raises a
+  :class:`StorageError` naming the file, the cause and the fix; the file it was replacing, and
+  everything written before, stay as they were, so a rerun after freeing space resumes.
 * Checkpoints are safetensors (no pickles) with their JSON description in the header metadata.
 * A stage records a fingerprint of its inputs (its config section and its input files' hashes) in
   ``<out>/.done.json`` when it finishes; rerun with the same fingerprint, it does nothing.
@@ -11,28 +17,144 @@ Edge code shared by the stages (``free/stages/``): the algorithm modules never t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from free.data.base import sha256_file
 
 DONE_FILE = ".done.json"
 
 
+#: A temporary file of :func:`write_atomic`: ``.<name>.tmp<pid>`` (also the tensor cache's ``<stem>.tmp<pid>``).
+_TMP_NAME = re.compile(r"\.tmp(\d+)$")
+
+#: Causes of a failed write that the user fixes on the machine, not in the configuration.
+_FIXES = {
+    errno.ENOSPC: "free space on that disk, or point {setting} at a disk with room",
+    errno.EDQUOT: "free space within your disk quota, or point {setting} at a disk with room",
+    errno.EFBIG: "the file system refuses a file this large: point {setting} at another disk",
+    errno.EROFS: "the file system is mounted read-only: remount it read-write, or point {setting} at a writable folder",
+    errno.EACCES: "no permission to write there: fix the folder's owner or mode, or point {setting} elsewhere",
+    errno.EPERM: "no permission to write there: fix the folder's owner or mode, or point {setting} elsewhere",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it away, or point {setting} elsewhere",
+}
+
+
+class StorageError(OSError):
+    """A stage could not write its outputs; the message names the file or folder, the cause and the fix."""
+
+
+def storage_error(
+    path: Path, err: OSError, setting: str = "paths.artifacts_dir", before_work: bool = False
+) -> StorageError:
+    """A :class:`StorageError` for ``err``, raised while writing ``path``.
+
+    Args:
+        path: the file (or, for a probe, the folder) that could not be written.
+        err: the operating system's error.
+        setting: the configuration key (or variable) that chooses the folder, named in the fix.
+        before_work: the failure came from :func:`check_writable`: nothing was computed yet.
+    """
+    if isinstance(err, StorageError):
+        return err
+    cause = err.strerror or str(err)
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    fix = _FIXES.get(err.errno, "make the folder writable, or point {setting} at a writable folder")
+    if before_work:
+        what = f"output folder {path} is not writable (checked before any work started)"
+        then = "then rerun the same command"
+    else:
+        what = f"cannot write {path}"
+        then = (
+            "then rerun the same command: what was finished before (written files, the last checkpoint) "
+            "is kept and the stage resumes from it"
+        )
+    error = StorageError(f"{what}: {cause}{f' ({code})' if code else ''}. Fix: {fix.format(setting=setting)}; {then}")
+    error.errno, error.filename = err.errno, str(path)
+    return error
+
+
+def check_writable(directory: Path, setting: str = "paths.artifacts_dir") -> None:
+    """Create ``directory`` if needed and write, sync and remove a small probe file in it.
+
+    Stages call this before computing anything, so a full disk or a read-only folder fails in
+    seconds with :class:`StorageError` rather than after hours of work.
+    """
+    directory = Path(directory)
+    probe = directory / f".write-probe.tmp{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))  # a block's worth: creating an empty file succeeds on a full disk
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        _discard(probe)
+        raise storage_error(directory, err, setting, before_work=True) from err
+
+
+def remove_stale_tmp(directory: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left under ``directory``; return them.
+
+    A file ``….tmp<pid>`` of a process that still runs (another writer) is left alone.
+    """
+    directory, removed = Path(directory), []
+    if not directory.is_dir():
+        return removed
+    for path in directory.rglob("*.tmp*"):
+        match = _TMP_NAME.search(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has nothing in flight when a stage starts
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary file after a failed write (it may hold the last free blocks of the disk)."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    Raises:
+        StorageError: the write failed (disk full, read-only, ...); ``path`` is unchanged.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        _discard(tmp)
+        raise storage_error(path, err) from err
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -44,13 +166,14 @@ def read_json(path: Path) -> Any:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
-    """Save ``tensors`` (+ JSON ``meta`` in the header) atomically; return the file's sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(_unshared(tensors), str(tmp), metadata={"meta": json.dumps(meta or {})})
-    os.replace(tmp, path)
-    return sha256_file(path)
+    """Save ``tensors`` (+ JSON ``meta`` in the header) atomically; return the file's sha256.
+
+    Serialised in memory, then written by :func:`write_atomic`: safetensors' own file writer reports
+    a full disk as a ``SafetensorError`` without errno, which could not be told from a bad tensor.
+    """
+    data = save(_unshared(tensors), metadata={"meta": json.dumps(meta or {})})
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,11 +14,13 @@ Images are stored as uint8 (quantised from float [0, 1]) to keep the bank small,
 buffer is allocated as it fills (grown by doubling, up to the ring), not as the whole ring up front.
 The bank is an artifact written as one safetensors shard per teacher plus a ``manifest.json`` with
 their sha256; saving again into the same folder (a checkpoint) rewrites only the shards of teachers
-that changed since.
+that changed since, and saving into a new folder can hard-link the unchanged shards of an earlier one
+(how a checkpoint keeps its previous bank intact until the new one is complete).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -429,7 +431,7 @@ class MemoryBank:
 
     # ---- persistence ----------------------------------------------------------------------------
 
-    def save(self, directory: Path) -> dict[str, Any]:
+    def save(self, directory: Path, link_from: Path | None = None) -> dict[str, Any]:
         """Write one shard per teacher and ``manifest.json`` (last, so a readable manifest means complete shards).
 
         Incremental: a shard this bank wrote into (or loaded and verified from) ``directory`` before,
@@ -442,17 +444,28 @@ class MemoryBank:
         and, per class ``c`` holding anything, ``images/<c>``: ``(counts[c], images_per_slot, C, H, W)``
         uint8, ring slots in slot order.
 
+        Args:
+            directory: where to write.
+            link_from: another folder this bank saved into (or was loaded from): its shards that are
+                still current are hard-linked into ``directory`` instead of written again. A
+                checkpoint builds its next bank folder this way while the previous one stays intact
+                (:mod:`free.stages.metatrain`); every writer here replaces files by renaming, never
+                edits them in place, so the two folders sharing a file is safe.
+
         Returns:
             The manifest.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         known = self._saved.get(directory.resolve(), {})
+        linkable = self._saved.get(Path(link_from).resolve(), {}) if link_from is not None else {}
         shards: dict[int, _Shard] = {}
         for t in self.teachers():
             store, path = self._stores[t], directory / shard_name(t)
             shard = known.get(t)
             if shard is None or shard.revision != store.revision or _stat(path) != shard.stat:
+                shard = self._linked(linkable.get(t), store, Path(link_from or directory) / shard_name(t), path)
+            if shard is None:
                 digest = save_tensors(path, self._shard_tensors(store), self._shard_meta(t))
                 shard = _Shard(store.revision, digest, _stat(path))
             shards[t] = shard
@@ -464,6 +477,28 @@ class MemoryBank:
                 stale.unlink()
         self._saved[directory.resolve()] = shards
         return manifest
+
+    @staticmethod
+    def _linked(source: _Shard | None, store: _TeacherStore, source_path: Path, path: Path) -> _Shard | None:
+        """``path`` as a hard link to ``source_path`` if that shard is current, else ``None`` (write it)."""
+        if source is None or source.revision != store.revision or _stat(source_path) != source.stat:
+            return None
+        try:
+            path.unlink(missing_ok=True)
+            os.link(source_path, path)
+        except OSError:  # a file system without hard links: the shard is written instead
+            return None
+        return _Shard(source.revision, source.sha256, _stat(path))
+
+    def moved(self, old: Path, new: Path) -> None:
+        """Tell the bank that the folder it saved into at ``old`` was renamed to ``new`` (files unchanged)."""
+        shards = self._saved.pop(Path(old).resolve(), None)
+        if shards is not None:
+            self._saved[Path(new).resolve()] = shards
+
+    def forget(self, directory: Path) -> None:
+        """Drop what the bank knows of ``directory`` (removed, or left incomplete by a failed save)."""
+        self._saved.pop(Path(directory).resolve(), None)
 
     def _shard_tensors(self, store: _TeacherStore) -> dict[str, torch.Tensor]:
         """A teacher's filled slots (views, not copies), one tensor per class holding any."""

@@ -1,9 +1,11 @@
 """What every ``free`` command group shares: the consoles, the overrides argument, the error contract
-(one readable paragraph on stderr: exit 2 for a bad configuration, 1 for missing or corrupt inputs or
-a service that cannot start), and the config a command composes (``--params`` file or ``params/``)."""
+(one readable paragraph on stderr: exit 2 for a bad configuration, 1 for missing or corrupt inputs, a
+disk that cannot take the outputs, or a service that cannot start), and the config a command composes
+(``--params`` file or ``params/``)."""
 
 from __future__ import annotations
 
+import errno
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +21,14 @@ Overrides = Annotated[
 ]
 F = TypeVar("F", bound=Callable[..., object])
 
+#: An ``OSError`` with one of these causes is a disk that cannot take a write, wherever it came from
+#: (our writers raise ``StorageError`` themselves; this catches the libraries' own writes).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
 
 def friendly_errors(command: F) -> F:
     """Turn the errors a user can fix into one line on stderr and a non-zero exit code."""
+    from free.artifacts import StorageError, storage_error
     from free.checkpoints import CheckpointError
     from free.config import ConfigError
     from free.data import DatasetIntegrityError
@@ -30,12 +37,21 @@ def friendly_errors(command: F) -> F:
     def wrapper(*args: object, **kwargs: object) -> object:
         try:
             return command(*args, **kwargs)
+        except StorageError as e:  # before FileNotFoundError: both are OSErrors
+            err.print(f"[bold red]storage error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except ConfigError as e:
             err.print(f"[bold red]config error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except (FileNotFoundError, DatasetIntegrityError, CheckpointError) as e:  # missing/corrupt inputs
             kind = "checkpoint error" if isinstance(e, CheckpointError) else "data error"
             err.print(f"[bold red]{kind}:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as e:
+            if e.errno not in DISK_ERRNOS:
+                raise
+            message = storage_error(e.filename or "?", e)
+            err.print(f"[bold red]storage error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

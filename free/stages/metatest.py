@@ -9,17 +9,32 @@ adapts it to ``evaluate.episodes`` episodes per shot setting drawn from the **me
 * ``artifacts/metrics/metatest_episodes.json`` - per-episode accuracies per setting (DVC plots);
 * ``artifacts/plots/metatest.png`` - sorted per-episode accuracies with mean +- CI.
 
-A finished stage with the same settings and the same checkpoint file does nothing.
+A finished stage with the same settings and the same checkpoint file does nothing. The stage keeps
+no resume state (a killed run starts over and writes the same files); before any episode it checks
+that its folders take a write, and a failed write raises :class:`free.artifacts.StorageError` naming
+the file and the fix.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from free.artifacts import fingerprint, is_done, mark_done, read_json, resolve_device, set_threads, write_json
+from free.artifacts import (
+    check_writable,
+    fingerprint,
+    is_done,
+    mark_done,
+    read_json,
+    remove_stale_tmp,
+    resolve_device,
+    set_threads,
+    write_atomic,
+    write_json,
+)
 from free.checkpoints import CheckpointError, load_classifier
 from free.config.schema import Config, dataset_settings
 from free.data import load_splits
@@ -62,6 +77,9 @@ def run(cfg: Config, checkpoint: Path | None = None, progress: Progress | None =
     outputs = (metrics_dir / METRICS_FILE, metrics_dir / EPISODES_FILE, plot_file)
     if is_done(metrics_dir, fp) and all(p.is_file() for p in outputs):
         return read_json(metrics_dir / METRICS_FILE)
+    for folder in (metrics_dir, plot_file.parent):
+        check_writable(folder)  # a full or read-only disk fails now, before the episodes run
+        remove_stale_tmp(folder)  # files a killed run was writing
 
     device = resolve_device(cfg.device)
     model, meta = load_classifier(checkpoint)
@@ -190,8 +208,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"meta-test, {result['episodes']} episodes per setting (band: mean ± 95% CI)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # atomic like every other artifact
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, png.getvalue())  # atomic like every other artifact; a full disk names the file

@@ -16,12 +16,23 @@ Each meta-iteration (Wei et al., CVPR 2024, Alg. 1):
 Outputs: ``artifacts/metalearner/`` (best initialisation + card + curves), ``artifacts/generator/``
 (meta-generator weights, recovery curves, sample grids), ``artifacts/taskcache/`` (the bank).
 Resume state lives under ``<artifacts>/.state/metatrain-<fingerprint>/`` and is written every
-``checkpoint_every`` iterations; a rerun continues from it and ends with the same artifacts as an
-unbroken run. A finished stage with the same inputs does nothing.
+``checkpoint_every`` iterations and after the last one; a rerun continues from it and ends with the
+same artifacts as an unbroken run. A finished stage with the same inputs does nothing.
+
+A checkpoint is ``state.safetensors`` (weights, optimisers, RNG, curves) plus the memory bank in
+``bank/``. The state names the bank it belongs to (its manifest's sha256) and is the commit point:
+the next bank is built beside the current one (``bank.next/``, unchanged shards hard-linked), the
+state is replaced, then the folders are swapped. A ``kill -9`` anywhere in between leaves a state
+and a bank that belong together (:func:`_committed_bank` finishes an interrupted swap), so the
+resumed run is byte for byte the unbroken one (tests/test_kill_resume.py). Before any work the
+stage checks that its output folders take a write; a write that fails later (disk full, read-only)
+raises :class:`free.artifacts.StorageError` naming the file and the fix, with the previous
+checkpoint intact (tests/test_disk_faults.py).
 """
 
 from __future__ import annotations
 
+import io
 import shutil
 import time
 from dataclasses import asdict
@@ -31,21 +42,24 @@ from typing import Any
 import torch
 
 from free.artifacts import (
+    check_writable,
     fingerprint,
     is_done,
     load_tensors,
     mark_done,
     read_json,
+    remove_stale_tmp,
     resolve_device,
     save_tensors,
     set_threads,
+    write_atomic,
     write_json,
 )
-from free.checkpoints import classifier_meta, load_classifier, save_classifier
+from free.checkpoints import CheckpointError, classifier_meta, load_classifier, save_classifier
 from free.config.schema import Config, dataset_settings
 from free.config.validate import validate_zoo
 from free.data import EpisodeSampler, load_splits
-from free.data.base import Progress
+from free.data.base import Progress, sha256_file
 from free.evaluate import evaluate
 from free.inversion import (
     InversionSettings,
@@ -60,7 +74,7 @@ from free.maml import Params, split_state
 from free.metalearn import MetaSettings, distillation_targets, meta_update
 from free.models import Generator, build_classifier
 from free.official import OfficialSettings, OfficialUpdate, TeacherBatch
-from free.taskcache import MemoryBank
+from free.taskcache import MANIFEST, MemoryBank
 
 
 def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
@@ -74,8 +88,11 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
     if is_done(out["metalearner"], fp):
         return read_json(out["metalearner"] / "card.json")
 
-    loop = MetaTrainLoop(cfg, device, load_zoo(root / "teachers", cfg, device))
     state_dir = root / ".state" / f"metatrain-{fp[:16]}"  # beside its outputs, not shared between runs
+    for directory in (*out.values(), state_dir):
+        check_writable(directory)  # a full disk fails now, not at the first checkpoint
+        remove_stale_tmp(directory)  # what a killed run was writing: never part of the outputs
+    loop = MetaTrainLoop(cfg, device, load_zoo(root / "teachers", cfg, device))
     loop.restore(state_dir)
     iterations = range(loop.iteration, cfg.metalearn.iterations)
     if progress is not None and len(iterations):
@@ -84,8 +101,8 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
         loop.step()
         if (it + 1) % cfg.metalearn.val_every == 0 or it + 1 == cfg.metalearn.iterations:
             loop.validate()
-        if (it + 1) % cfg.metalearn.checkpoint_every == 0:
-            loop.save_state(state_dir)
+        if (it + 1) % cfg.metalearn.checkpoint_every == 0 or it + 1 == cfg.metalearn.iterations:
+            loop.save_state(state_dir)  # also after the last: a failure writing the outputs loses no work
     summary = loop.write_artifacts(out, fp)
     mark_done(out["metalearner"], fp, best_val_acc=summary["best_val_acc"])
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -345,8 +362,16 @@ class MetaTrainLoop:
         return acc
 
     def save_state(self, directory: Path) -> None:
-        """Everything needed to continue exactly where we are (written atomically, file by file)."""
+        """Everything needed to continue exactly where we are, committed by one rename.
+
+        The bank goes to ``bank.next/`` first (shards unchanged since the last checkpoint hard-linked
+        from ``bank/``), then ``state.safetensors`` - naming that bank by its manifest's sha256 - is
+        replaced atomically, then ``bank.next/`` becomes ``bank/``. Until the state is replaced the
+        previous checkpoint is untouched; after, the state names a complete bank. A failed write
+        (:class:`free.artifacts.StorageError`) leaves the previous checkpoint as it was.
+        """
         directory.mkdir(parents=True, exist_ok=True)
+        current, staged = directory / "bank", directory / "bank.next"
         tensors = {f"params/{k}": v for k, v in self.params.items()}
         tensors |= {f"best/{k}": v for k, v in self.best_params.items()}
         tensors |= {f"generator/{k}": v for k, v in self.meta_generator.generator.state_dict().items()}
@@ -357,20 +382,30 @@ class MetaTrainLoop:
             learner_opt, learner_opt_meta = _optimizer_state(self.official.adam.optimiser)
             tensors |= {f"learner_opt/{k}": v for k, v in learner_opt.items()}
         tensors["rng"] = self.rng.get_state()
-        self.bank.save(directory / "bank")
-        save_tensors(
-            directory / "state.safetensors",
-            tensors,
-            {
-                "iteration": self.iteration,
-                "best_val_acc": self.best_val_acc,
-                "best_iteration": self.best_iteration,
-                "generator_opt": opt_meta,
-                "learner_opt": learner_opt_meta,
-                "curves": self.curves,
-                "recovery_curves": self.recovery_curves,
-            },
-        )
+        shutil.rmtree(staged, ignore_errors=True)  # an uncommitted leftover (restore already judged it)
+        try:
+            self.bank.save(staged, link_from=current)
+            save_tensors(
+                directory / "state.safetensors",
+                tensors,
+                {
+                    "iteration": self.iteration,
+                    "bank_manifest": sha256_file(staged / MANIFEST),
+                    "best_val_acc": self.best_val_acc,
+                    "best_iteration": self.best_iteration,
+                    "generator_opt": opt_meta,
+                    "learner_opt": learner_opt_meta,
+                    "curves": self.curves,
+                    "recovery_curves": self.recovery_curves,
+                },
+            )
+        except OSError:
+            self.bank.forget(staged)
+            shutil.rmtree(staged, ignore_errors=True)  # frees the space the failed checkpoint took
+            raise
+        shutil.rmtree(current, ignore_errors=True)
+        staged.rename(current)
+        self.bank.moved(staged, current)
 
     def restore(self, directory: Path) -> None:
         if not (directory / "state.safetensors").is_file():
@@ -383,7 +418,7 @@ class MetaTrainLoop:
         if self.official is not None:
             _load_optimizer_state(self.official.adam.optimiser, part("learner_opt/"), meta["learner_opt"])
         self.rng.set_state(tensors["rng"])
-        self.bank = MemoryBank.load(directory / "bank")
+        self.bank = MemoryBank.load(_committed_bank(directory, meta.get("bank_manifest")))
         self.iteration, self.best_val_acc, self.best_iteration = (
             meta["iteration"],
             meta["best_val_acc"],
@@ -468,14 +503,40 @@ def _load_optimizer_state(
     optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _committed_bank(directory: Path, digest: str | None) -> Path:
+    """The bank folder of the checkpoint in ``directory`` whose state names manifest sha256 ``digest``.
+
+    Finishes what a killed :meth:`MetaTrainLoop.save_state` left: if the state was committed but the
+    folders not yet swapped, ``bank.next/`` becomes ``bank/``; an uncommitted ``bank.next/`` is removed.
+    A state from before the bank was named in it (``digest`` is ``None``) uses ``bank/``.
+    """
+    current, staged = directory / "bank", directory / "bank.next"
+    if digest is not None:
+        for candidate in (staged, current):  # staged first: ``bank/`` may be half-deleted by the swap
+            manifest = candidate / MANIFEST
+            if manifest.is_file() and sha256_file(manifest) == digest:
+                if candidate == staged:
+                    shutil.rmtree(current, ignore_errors=True)
+                    staged.rename(current)
+                break
+        else:
+            raise CheckpointError(
+                f"{directory / 'state.safetensors'} names memory bank manifest sha256 {digest[:12]}..., found in "
+                f"neither {current} nor {staged}; delete {directory} to start the meta-training over"
+            )
+    shutil.rmtree(staged, ignore_errors=True)
+    return current
+
+
 def _save_sample_grids(bank: MemoryBank, directory: Path, per_class: int = 8) -> None:
     """One PNG per teacher: a row per class, its newest recovered images (people want to look at them)."""
     from torchvision.utils import save_image
 
-    directory.mkdir(parents=True, exist_ok=True)
     for teacher_id in bank.teachers():
         grid = bank.to_grid_tensor(teacher_id, per_class)  # (n_classes * per_class, C, H, W)
-        save_image(grid, directory / f"teacher_{teacher_id:03d}.png", nrow=per_class, padding=1)
+        png = io.BytesIO()
+        save_image(grid, png, format="png", nrow=per_class, padding=1)
+        write_atomic(directory / f"teacher_{teacher_id:03d}.png", png.getvalue())  # atomic, like every output
 
 
 def _plot_curves(curves: list[dict[str, float]], recovery: list[dict[str, Any]], out: dict[str, Path]) -> None:
@@ -504,5 +565,7 @@ def _plot_curves(curves: list[dict[str, float]], recovery: list[dict[str, Any]],
         axes[1].set_ylabel("teacher accuracy on recovered batch")
         axes[1].legend()
     fig.tight_layout()
-    fig.savefig(out["metalearner"] / "curves.png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_atomic(out["metalearner"] / "curves.png", png.getvalue())

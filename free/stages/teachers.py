@@ -12,6 +12,11 @@ Output, ``<artifacts>/teachers/``:
 Nothing written here holds a machine path or a timing, so the same inputs give byte-identical
 artifacts on every run (DVC and the metatrain fingerprint hash them).
 
+Faults: before training, the folder must take a write (a full disk fails at once, naming it); the
+temporary files a ``kill -9`` left are removed; a failed write raises
+:class:`free.artifacts.StorageError` and the teachers finished before stay (tests/test_disk_faults.py,
+tests/test_kill_resume.py).
+
 Resume: a teacher is written (weights, then card) as soon as it is trained. A rerun reuses every
 teacher whose card carries this configuration's teacher fingerprint and whose file still has the
 card's sha256, and trains the others. Teacher ``i`` depends only on the data, the ``teachers``
@@ -32,12 +37,14 @@ from typing import Any
 import torch
 
 from free.artifacts import (
+    check_writable,
     clear_done,
     fingerprint,
     is_done,
     load_tensors,
     mark_done,
     read_json,
+    remove_stale_tmp,
     resolve_device,
     set_threads,
     write_json,
@@ -85,6 +92,8 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
         summary = read_json(out / "zoo.json")["summary"]
         reused = {"trained": 0, "reused": summary["n_teachers"], "seconds": 0.0, "seconds_per_teacher": None}
         return {**summary, **reused, "dir": str(out)}
+    check_writable(out)  # a full or read-only disk fails now, before any teacher trains
+    remove_stale_tmp(out)  # files a killed run was writing: never part of the zoo
     # From here until mark_done the folder is "in progress": no marker and no manifest that a later
     # stage could mistake for a finished zoo.
     clear_done(out)
@@ -350,6 +359,8 @@ def import_teachers(cfg: Config, source_dir: Path) -> dict[str, Any]:
     if is_done(out, fp) and (out / "zoo.json").is_file():
         summary = read_json(out / "zoo.json")["summary"]
         return {**summary, "imported": 0, "dir": str(out)}
+    check_writable(out)
+    remove_stale_tmp(out)
     clear_done(out)
     (out / "zoo.json").unlink(missing_ok=True)
     _remove_teachers(out)  # the imported zoo replaces whatever was there; no mixing of two zoos

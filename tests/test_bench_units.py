@@ -52,7 +52,7 @@ def test_doubling_the_batch_doubles_every_primitive_flops(cfg) -> None:
 
 
 def test_each_composition_equals_the_flops_of_the_real_function(cfg) -> None:
-    per_image = {k: {"flops": f / 2, "seconds": 0.0, "extra_mib": 0.0} for k, f in _per_image_flops(cfg, 2).items()}
+    per_image = {k: {"flops": f / 2, "seconds": 0.0, "memory_mib": 0.0} for k, f in _per_image_flops(cfg, 2).items()}
     structure = units.unit_structure(cfg, LEARNER)
     calls = units.unit_calls(cfg, LEARNER, torch.device("cpu"))
     expected = {"teacher_step", "teacher_eval", "recovery", "meta_update", "val_episode"}

@@ -218,6 +218,11 @@ def tune(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _memory(primitive: dict[str, Any]) -> float:
+    """A forward without grad holds one layer at a time; a pass with a backward keeps every layer."""
+    return primitive["transient_mib"] if primitive["pass"] == "forward" else primitive["activation_mib"]
+
+
 def units(result: dict[str, Any]) -> str:
     """Primitives measured, units composed from them (and run whole where cheap), a paper run's totals."""
     settings, a = result["settings"], result["assumptions"]
@@ -226,18 +231,18 @@ def units(result: dict[str, Any]) -> str:
         f"{result['device']}, {result['threads']} threads, load average {start:.1f} → {end:.1f}; primitives on "
         f"{settings['batch']} images, median of {settings['repeats']} calls.",
         "",
-        "| network | pass | GFLOP / image | s / image | GFLOP/s | MiB / image | load |",
+        "| network | pass | GFLOP / image | s / image | GFLOP/s | activation MiB / image | load |",
         "|---|---|---|---|---|---|---|",
     ]
     for p in result["primitives"]:
         n = p["images"]
         lines.append(
             f"| {p['network']} | {p['pass']} | {p['flops'] / n / 1e9:.3f} | {p['seconds'] / n:.3f} | "
-            f"{p['flops'] / p['seconds'] / 1e9:.1f} | {p['extra_mib'] / n:.1f} | {p['load_before']:.1f} |"
+            f"{p['flops'] / p['seconds'] / 1e9:.1f} | {_memory(p) / n:.2f} | {p['load_before']:.1f} |"
         )
     lines += [
         "",
-        "| unit | learner | GFLOP | s here (composed) | s here (whole unit) | memory MiB (est.) | per run | "
+        "| unit | learner | GFLOP | s here (composed) | s here (whole unit) | activations MiB | per run | "
         "PFLOP per run |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -18,8 +18,9 @@ FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (convolutions 
 forward and backward; element-wise ops and optimiser steps are not counted) on the first, untimed
 call, so they do not depend on the machine's load. Every counted op is linear in the batch, so
 FLOPs per image are exact. Seconds are the median of ``repeats`` timed calls; the 1-minute load
-average before and after each is recorded because the CPU is shared. Memory is the peak resident
-set above the one before (``/proc/self/clear_refs``; device peak allocation on CUDA), per image.
+average before and after each is recorded because the CPU is shared. The process's peak resident set
+(``/proc/self/clear_refs``; device peak allocation on CUDA) is recorded too, but on CPU the allocator
+reuses freed memory, so a unit's memory is its activations, from :class:`ActivationMeter`.
 
 **Units** are then composed from the primitives by the structure of the code (``compose_*``;
 ``tests/test_bench_units.py`` checks each composition against the FLOPs counted on the real
@@ -114,9 +115,40 @@ def parse_learners(text: str) -> tuple[Learner, ...]:
 # ---- measuring one call ------------------------------------------------------------------------
 
 
+class ActivationMeter:
+    """Activation memory of a call from its leaf modules' outputs (forward hooks on every module).
+
+    ``kept_bytes``: the sum of all leaf outputs, what a pass with a backward keeps until the backward
+    (an estimate: autograd saves about one tensor per layer); ``transient_bytes``: twice the largest
+    leaf output, what a forward without grad holds at its peak (one layer's input and output). Both
+    are linear in the batch and exclude the weights; on a GPU (fp32) the same bytes are needed.
+    """
+
+    def __init__(self) -> None:
+        self.kept_bytes, self.largest = 0, 0
+
+    def _hook(self, module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        if next(module.children(), None) is None and isinstance(output, torch.Tensor):
+            size = output.numel() * output.element_size()
+            self.kept_bytes += size
+            self.largest = max(self.largest, size)
+
+    def __enter__(self) -> ActivationMeter:
+        self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    @property
+    def transient_bytes(self) -> int:
+        return 2 * self.largest
+
+
 def measure(work: Callable[[], Any], images: int, repeats: int, device: torch.device) -> dict[str, Any]:
-    """FLOPs (first, untimed call), median seconds of ``repeats`` calls, peak memory, load averages."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs and activation memory (first, untimed call), median seconds of ``repeats`` calls, the
+    process's peak memory, load averages."""
+    with FlopCounterMode(display=False) as counter, ActivationMeter() as activations:
         work()  # also the warm-up
     load_before = os.getloadavg()[0]
     before = rss_mib()
@@ -128,6 +160,8 @@ def measure(work: Callable[[], Any], images: int, repeats: int, device: torch.de
         "flops": counter.get_total_flops(),
         "seconds": statistics.median(seconds),
         "seconds_each": seconds,
+        "activation_mib": activations.kept_bytes / 2**20,
+        "transient_mib": activations.transient_bytes / 2**20,
         "peak_mib": peak.peak_mib,
         "extra_mib": max(extra, 0.0),
         "peak_is_process_wide": not peak.reset,
@@ -366,7 +400,7 @@ def compose(structure: dict[str, Any], per_image: dict[tuple[str, str], dict[str
     return {
         "flops": sum(n * per_image[(net, p)]["flops"] for n, net, p in structure["terms"]),
         "seconds": sum(n * per_image[(net, p)]["seconds"] for n, net, p in structure["terms"]),
-        "memory_mib": sum(n * per_image[(net, p)]["extra_mib"] for n, net, p in structure["memory"]),
+        "memory_mib": sum(n * per_image[(net, p)]["memory_mib"] for n, net, p in structure["memory"]),
     }
 
 
@@ -421,7 +455,9 @@ def _run(cfg: Config, settings: UnitsBench, say: Callable[[str], None]) -> dict[
     primitives = []
     for (network, kind), work in primitive_calls(cfg, settings.learners, settings.batch, device).items():
         m = measure(work, settings.batch, settings.repeats, device)
-        per_image[(network, kind)] = {k: m[k] / m["images"] for k in ("flops", "seconds", "extra_mib")}
+        memory = m["transient_mib"] if kind == "forward" else m["activation_mib"]
+        per_image[(network, kind)] = {k: m[k] / m["images"] for k in ("flops", "seconds")}
+        per_image[(network, kind)]["memory_mib"] = memory / m["images"]
         primitives.append({"network": network, "pass": kind, **m})
         say(
             f"{network:12s} {kind:10s} {m['flops'] / m['images'] / 1e9:8.3f} GFLOP/img "
@@ -441,7 +477,8 @@ def _run(cfg: Config, settings: UnitsBench, say: Callable[[str], None]) -> dict[
             elif composed["flops"] <= settings.direct_gflop * 1e9:
                 calls = calls or unit_calls(cfg, learner, device)
                 m = measure(calls[name], 1, settings.repeats, device)
-                row["direct"] = {k: m[k] for k in ("flops", "seconds", "seconds_each", "extra_mib", "load_before")}
+                keep = ("flops", "seconds", "seconds_each", "activation_mib", "extra_mib", "load_before")
+                row["direct"] = {k: m[k] for k in keep}
                 if name.startswith("teacher"):
                     shared[name] = row["direct"]
             units.append(row)

@@ -344,12 +344,14 @@ def register_finished(project: Path, push: bool = False) -> dict:
 
 
 def _changes(what: list) -> str:
-    """DVC's per-stage status entries (``"changed command"``, ``{"changed deps": {...}}``) in a few words."""
-    words = []
-    for entry in what:
-        if isinstance(entry, dict):
-            for kind, detail in entry.items():
-                words.append(f"{kind}: {', '.join(detail) if isinstance(detail, dict) else detail}")
-        else:
-            words.append(str(entry))
-    return "; ".join(words)
+    """DVC's status entries of a stage in a line: ``changed deps: params.yaml (evaluate modified)``."""
+
+    def detail(value: object) -> str:
+        if not isinstance(value, dict):
+            return str(value)
+        return ", ".join(f"{k} ({detail(v)})" if isinstance(v, dict) else f"{k} {v}" for k, v in value.items())
+
+    return "; ".join(
+        "; ".join(f"{kind}: {detail(d)}" for kind, d in entry.items()) if isinstance(entry, dict) else str(entry)
+        for entry in what
+    )

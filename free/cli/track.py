@@ -4,6 +4,7 @@ stage again (e.g. after a flow run whose tracking failed because MLflow was down
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -27,6 +28,8 @@ def register(
     from free.stack import use_running_stack
 
     project = project_root()
+    # MLflow prints a "View run" link per run it ends (5 here); the summary below names the run.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         use_running_stack("free register")  # sets MLFLOW_TRACKING_URI (and S3 settings) if unset
         result = register_finished(project, push=push)

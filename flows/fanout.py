@@ -144,7 +144,7 @@ def _run(fanout: Any, *args: Any) -> Any:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             return fanout(*args)
     finally:
-        APILogHandler.flush()  # the run's last log lines, while their server is still up
+        APILogHandler().flush()  # the run's last log lines, while their server is still up
         if before is None:
             del os.environ["PREFECT_API_URL"]
         else:

@@ -334,7 +334,8 @@ def register_finished(project: Path, push: bool = False) -> dict:
         for stage in STAGES:
             log_file = project / STAGE_LOGS / f"{stage}.log"
             lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
-            info = {"stage": stage, "outcome": stage_outcome(stage, lines), "registered_later": True}
+            outcome = stage_outcome(stage, lines) if lines else "finished earlier"  # no flow run logged it
+            info = {"stage": stage, "outcome": outcome, "registered_later": True}
             log_stage(parent_id, stage, project, cfg, params, info, log_file)
     except BaseException:
         finish(cfg, parent_id, "FAILED")

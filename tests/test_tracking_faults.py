@@ -195,6 +195,7 @@ def test_register_records_a_finished_run_without_running_a_stage(finished: Finis
     )
     assert sorted(r.info.run_name for r in nested) == ["data", "metatest", "metatrain", "teachers"]
     assert all(r.info.status == "FINISHED" for r in nested)
+    assert {r.data.tags["stage.outcome"] for r in nested} == {"finished earlier"}  # `dvc repro` wrote no stage log
     assert "best_val_acc" in next(r for r in nested if r.info.run_name == "metatrain").data.metrics
 
     # Nothing ran again: the outputs and the lock are as the stages left them; the remote has them all.

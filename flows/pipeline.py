@@ -18,6 +18,12 @@ one line each; the stage output goes to the task log (progress redraws and DVC's
 
 A failed stage fails the flow; stages finished before it stay in the DVC cache and ``dvc.lock``,
 and ``metatrain`` keeps its resume checkpoint, so running the flow again resumes.
+
+Before step 1, :mod:`flows.preflight` checks that MLflow, the DVC remote's S3 endpoint and the
+Prefect API answer, and fails the run in seconds naming each one that does not. MLflow calls are
+bounded by :data:`flows.tracking.HTTP_LIMITS` (an outage fails a run in under a minute). A run whose
+stages finished but whose tracking failed is recorded later by ``free register`` (the same tail,
+:func:`conclude`).
 """
 
 from __future__ import annotations

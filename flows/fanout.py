@@ -134,6 +134,7 @@ def _run(fanout: Any, *args: Any) -> Any:
         return fanout(*args)
     from prefect.server.api.server import SubprocessASGIServer
 
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry would call out from here
     server = SubprocessASGIServer()
     started = time.perf_counter()
     server.start(timeout=EPHEMERAL_STARTUP_SECONDS)

@@ -164,6 +164,10 @@ def task_runner(cfg: Config) -> DaskTaskRunner:
         "processes": True,
         "host": "127.0.0.1",
         "dashboard_address": None,
+        # Each task sets `threads` intra-op threads, so workers x threads may exceed the cores; OpenMP's
+        # default spin-waiting then starves the other processes (tiny, 2 workers x 2 threads on 2 cores:
+        # ~10x slower than one process). Passive waiting changes no number, only who waits how.
+        "env": {"OMP_WAIT_POLICY": "PASSIVE"},
     }
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
 

@@ -5,16 +5,19 @@ folder; then the tiny ``free/full-pipeline`` deployment (shortened by overrides:
 5 meta-iterations, 4 meta-test episodes). What it wrote is looked up where it must be: MLflow's runs,
 model version and alias and Prefect's flow run in PostgreSQL itself (psycopg2, the stored password),
 the artifacts in the S3 bucket; no SQLite file appears. The password is on no command line (sampled
-all along), in no log, run record or stack file; ``free stack down`` leaves no process. Last, a restart:
-``up`` without ``--backend`` keeps PostgreSQL and its data. Tests share the stack in file order.
+all along), in no log, run record or stack file; ``free stack down`` leaves no process. Last, restarts:
+``up`` without ``--backend`` keeps PostgreSQL and its data, and brings the server back after a ``kill -9``.
+Tests share the stack in file order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -267,3 +270,22 @@ def test_down_stops_every_process_and_up_keeps_the_backend_and_data(
     assert _sql(again, "mlflow", "SELECT count(*) FROM runs")[0][0] == runs_before
     shutdown = (pg.settings.state_dir / "logs" / "postgres.log").read_text()
     assert "database system was shut down at" in shutdown and "not properly shut down" not in shutdown
+
+
+def test_kill_9_of_the_postmaster_then_up_recovers_it_with_its_data(pg: PgLive, pipeline_run) -> None:
+    """Last (the server alone runs, restarted by the test above): ``kill -9`` of the recorded PID; its
+    helpers leave by themselves, ``status`` says down, ``up`` waits for them and starts it again."""
+    settings = stack.StackSettings.load(pg.settings.state_dir)
+    runs_before = _sql(settings, "mlflow", "SELECT count(*) FROM runs")[0][0]
+    postmaster = stack.status(settings)["services"]["postgres"]["pid"]
+    os.kill(postmaster, 9)
+    deadline = time.time() + 30
+    while stack.status(settings)["services"]["postgres"]["state"] in ("healthy", "starting"):
+        assert time.time() < deadline, "the postmaster survived kill -9 for 30 s"
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(postmaster, os.WNOHANG)  # this process started it (the test above): reap it
+        time.sleep(0.2)
+    lines: list[str] = []
+    stack.up(settings, say=lines.append, only=["postgres"])
+    assert stack.status(settings)["services"]["postgres"]["healthy"], lines
+    assert _sql(settings, "mlflow", "SELECT count(*) FROM runs")[0][0] == runs_before  # committed data survived

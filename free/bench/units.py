@@ -348,9 +348,9 @@ def held_out_images(cfg: Config, images_per_class: int) -> int:
 
 
 def unit_structure(cfg: Config, learner: Learner) -> dict[str, dict[str, Any]]:
-    """Per unit: ``terms`` = [(images, network, pass)] summed per image, ``memory`` = terms alive at
-    once (the largest graph), ``passes`` = sequential forward/backward passes (CPU loop; ``gpu_passes``
-    where the stage batches episodes with vmap off-CPU)."""
+    """Per unit: ``terms`` = [(images, network, pass)] summed per image; ``memory`` = groups of terms
+    alive at once (the unit needs its largest group); ``passes`` = sequential forward/backward passes
+    (CPU loop; ``gpu_passes`` where the stage batches episodes with vmap off-CPU)."""
     t, inv, ml, ev = cfg.teachers, cfg.inversion, cfg.metalearn, cfg.evaluate
     L = learner.name
     n_val = held_out_images(cfg, PAPER_IMAGES_PER_CLASS)
@@ -363,26 +363,26 @@ def unit_structure(cfg: Config, learner: Learner) -> dict[str, dict[str, Any]]:
         n_s, n_q = ev.n_way * k, ev.n_way * q
         return {
             "terms": [(steps * n_s, L, "train"), (n_q, L, "forward")],
-            "memory": [(max(n_s, 1), L, "train")] if n_s >= n_q else [(n_q, L, "forward")],
+            "memory": [[(n_s, L, "train")], [(n_q, L, "forward")]],  # the support graph, then the query
             "passes": steps + 1,
             "gpu_passes": (steps + 1) / ev.episode_batch,
         }
 
     units = {
         "teacher_step": {"terms": [(t.batch_size, "teacher", "train")], "passes": 1},
-        "teacher_eval": {"terms": [(n_val, "teacher", "forward")], "passes": math.ceil(n_val / EVAL_CHUNK)},
+        "teacher_eval": {
+            "terms": [(n_val, "teacher", "forward")],
+            "memory": [[(min(n_val, EVAL_CHUNK), "teacher", "forward")]],
+            "passes": math.ceil(n_val / EVAL_CHUNK),
+        },
         "recovery": {
             "terms": [(k_steps * b, "generator", "train"), (k_steps * b, "teacher", "input_grad"), *student],
-            "memory": [
-                (b, "generator", "train"),
-                (b, "teacher", "input_grad"),
-                *[(b, net, p) for _, net, p in student],
-            ],
+            "memory": [[(b, "generator", "train"), (b, "teacher", "input_grad"), *[(b, n, p) for _, n, p in student]]],
             "passes": k_steps,
         },
         "meta_update": {
             "terms": [(ml.meta_batch * (ml.inner_steps * nk + nq), L, "train")],
-            "memory": [(max(nk, nq), L, "train")],
+            "memory": [[(nk, L, "train")], [(nq, L, "train")]],
             "passes": ml.meta_batch * (ml.inner_steps + 1),
         },
         "val_episode": episode(ml.k_shot, ml.q_query, ml.inner_steps),
@@ -390,7 +390,7 @@ def unit_structure(cfg: Config, learner: Learner) -> dict[str, dict[str, Any]]:
     for k in dict.fromkeys(ev.shots):
         units[f"test_episode_{k}shot"] = episode(k, ev.q_query, ev.inner_steps)
     for unit in units.values():
-        unit.setdefault("memory", unit["terms"])
+        unit.setdefault("memory", [unit["terms"]])
         unit.setdefault("gpu_passes", unit["passes"])
     return units
 
@@ -400,7 +400,9 @@ def compose(structure: dict[str, Any], per_image: dict[tuple[str, str], dict[str
     return {
         "flops": sum(n * per_image[(net, p)]["flops"] for n, net, p in structure["terms"]),
         "seconds": sum(n * per_image[(net, p)]["seconds"] for n, net, p in structure["terms"]),
-        "memory_mib": sum(n * per_image[(net, p)]["memory_mib"] for n, net, p in structure["memory"]),
+        "memory_mib": max(
+            sum(n * per_image[(net, p)]["memory_mib"] for n, net, p in group) for group in structure["memory"]
+        ),
     }
 
 

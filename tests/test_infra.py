@@ -222,7 +222,8 @@ def test_deployment_files_match_their_work_pools(template: dict) -> None:
     docker_vars.add("container_create_kwargs")  # prefect-docker >= 0.7 (not installed here: listed by hand)
     assert deployment_problems(docker, docker_vars) == []
     names = {d["name"] for d in local["deployments"]}
-    assert names == {"full-pipeline", "promote", "smoke"} and {d["name"] for d in kubernetes["deployments"]} == names
+    assert names == {"full-pipeline", "promote", "smoke"}
+    assert {d["name"] for d in kubernetes["deployments"]} == {f"{name}-k8s" for name in names}  # beside, not over
 
 
 def test_a_broken_deployment_file_fails(template: dict) -> None:

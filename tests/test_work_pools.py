@@ -1,7 +1,8 @@
 """prefect.yaml against a real Prefect server: ``prefect deploy --all`` registers the process-pool
-deployments as declared, and a real ``prefect worker`` (process type) picks up a flow run of
-``smoke/smoke`` and completes it in a checkout of the project; the Docker and Kubernetes deployment
-files register against pools made from their templates (registering needs no engine or cluster).
+deployments as declared (default run, ~2 min on 2 cores with the server's start); slow (``-m slow``,
+~2 more minutes): a real ``prefect worker`` (process type) picks up a flow run of ``smoke/smoke`` and
+completes it in a checkout of the project, and the Kubernetes deployment file registers against a
+pool made from its template (registering needs no cluster).
 
 One Prefect server for the module (loopback, a free port, a private PREFECT_HOME and SQLite
 database under tmp_path), in its own process group, stopped in the end; the commands run in a fresh
@@ -28,6 +29,7 @@ from free.stack import free_port_block
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POOL = "free-local"
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 class Prefect:
@@ -36,6 +38,14 @@ class Prefect:
     def __init__(self, project: Path, env: dict[str, str]) -> None:
         self.project, self.env = project, env
         self.api = env["PREFECT_API_URL"]
+        self.deploy_output: str | None = None
+
+    def deploy_all(self) -> str:
+        """What a user does first: create the process pool and ``prefect deploy --all`` (once per module)."""
+        if self.deploy_output is None:
+            self.cli("work-pool", "create", POOL, "--type", "process")
+            self.deploy_output = self.cli("deploy", "--all")
+        return self.deploy_output
 
     def cli(self, *args: str, timeout: float = 180) -> str:
         proc = subprocess.run(
@@ -79,7 +89,6 @@ def prefect(tmp_path_factory: pytest.TempPathFactory):
     project, home = root / "project", root / "prefect"
     project.mkdir()
     home.mkdir()
-    copy_project(REPO, project)
     port = free_port_block(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "FREE_"))}
     env.update({
@@ -98,15 +107,17 @@ def prefect(tmp_path_factory: pytest.TempPathFactory):
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
+        copy_project(REPO, project)  # while the server starts
         live = Prefect(project, env)
         deadline = time.monotonic() + 180
         while True:
             try:
                 live.get("/health")
                 break
-            except OSError:
+            except OSError as err:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the Prefect server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+                    tail = (root / "server.log").read_text()[-3000:]
+                    raise AssertionError(f"the Prefect server did not start:\n{tail}") from err
                 time.sleep(1)
         yield live
     finally:
@@ -119,8 +130,7 @@ def _deployment(live: Prefect, name: str) -> dict:
 
 
 def test_deploy_all_registers_the_declared_deployments(prefect: Prefect) -> None:
-    prefect.cli("work-pool", "create", POOL, "--type", "process")
-    out = prefect.cli("deploy", "--all")
+    out = prefect.deploy_all()
     declared = yaml.safe_load((prefect.project / "prefect.yaml").read_text())
     assert {d["name"] for d in declared["deployments"]} == {"full-pipeline", "promote", "smoke"}, out
 
@@ -145,8 +155,10 @@ def test_deploy_all_registers_the_declared_deployments(prefect: Prefect) -> None
     assert set(pipeline["job_variables"]) <= declared_vars
 
 
+@pytest.mark.slow  # ~50-70 s on 2 busy cores (worker start, flow-run subprocess importing torch/dvc/mlflow)
 def test_a_process_worker_runs_a_flow_run_to_completion(prefect: Prefect, tmp_path: Path) -> None:
-    smoke = _deployment(prefect, "smoke/smoke")  # registered by the test above
+    prefect.deploy_all()
+    smoke = _deployment(prefect, "smoke/smoke")
     run = prefect.post(f"/deployments/{smoke['id']}/create_flow_run", {"parameters": {"require_services": False}})
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
@@ -156,9 +168,10 @@ def test_a_process_worker_runs_a_flow_run_to_completion(prefect: Prefect, tmp_pa
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 150
-        while (state := prefect.get(f"/flow_runs/{run['id']}")["state"])["type"] not in ("COMPLETED", "FAILED", "CRASHED"):
-            assert time.monotonic() < deadline, f"flow run still {state['type']}:\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
-            assert worker.poll() is None, f"the worker exited:\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
+        while (state := prefect.get(f"/flow_runs/{run['id']}")["state"])["type"] not in FINAL:
+            tail = (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"flow run still {state['type']}:\n{tail}"
+            assert worker.poll() is None, f"the worker exited:\n{tail}"
             time.sleep(2)
     finally:
         _stop_group(worker)
@@ -171,3 +184,21 @@ def test_a_process_worker_runs_a_flow_run_to_completion(prefect: Prefect, tmp_pa
     logs = prefect.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
     messages = "\n".join(entry["message"] for entry in logs)
     assert f"worker ready in {prefect.project}" in messages, messages[-2000:]
+
+
+@pytest.mark.slow  # ~30-55 s: two more CLI runs, each loading the flows
+def test_kubernetes_deployments_register(prefect: Prefect) -> None:
+    """infra/prefect-kubernetes.yaml against a pool made from infra/k8s/work-pool-template.json: the
+    server checks the job variables against the pool's template (no cluster is needed to register).
+    infra/prefect-docker.yaml is only checked statically (tests/test_infra.py): prefect-docker is
+    not installed here, so a docker pool would get an older template from Prefect's bundled list."""
+    prefect.cli("work-pool", "create", "free-k8s", "--type", "kubernetes",
+                "--base-job-template", "infra/k8s/work-pool-template.json")  # fmt: skip
+    prefect.cli("deploy", "--all", "--prefect-file", "infra/prefect-kubernetes.yaml")
+    pipeline = _deployment(prefect, "free/full-pipeline-k8s")
+    assert pipeline["work_pool_name"] == "free-k8s" and pipeline["parameters"]["experiment"] == "tiny"
+    assert pipeline["job_variables"]["gpu_limit"] == 1
+    assert pipeline["job_variables"]["env_secret_name"] == "free-secrets"  # the Secret's name, not its values
+    assert pipeline["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/free"}}]
+    pool = prefect.get("/work_pools/free-k8s")
+    assert pool["type"] == "kubernetes" and "gpu_limit" in pool["base_job_template"]["variables"]["properties"]

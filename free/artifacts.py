@@ -51,7 +51,13 @@ _FIXES = {
 
 
 class StorageError(OSError):
-    """A stage could not write its outputs; the message names the file or folder, the cause and the fix."""
+    """A stage could not write its outputs; the message names the file or folder, the cause and the fix.
+
+    An ``OSError`` (with the cause's ``errno`` and the ``filename``) that prints as its message alone.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
 
 
 def storage_error(

@@ -50,7 +50,7 @@ def friendly_errors(command: F) -> F:
         except OSError as e:
             if e.errno not in DISK_ERRNOS:
                 raise
-            message = storage_error(e.filename or "?", e)
+            message = storage_error(e.filename or "a file", e)  # a library's write may not name it
             err.print(f"[bold red]storage error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

@@ -47,7 +47,7 @@ from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from rich.markup import escape
 
-from flows import guards, preflight, tracking
+from flows import guards, preflight, recovery, tracking
 from free.config import Config, ConfigError, compose, load_params, params_yaml
 
 STAGES = ("data", "teachers", "metatrain", "metatest")
@@ -257,7 +257,15 @@ def register(parent_id: str, project: Path, cfg: Config, metrics: dict, lineage:
     return {"name": name, "version": version}
 
 
-@flow(name="free", log_prints=True)
+# The hooks let a later worker clean up after a dead one (flows/recovery.py): on_running records the run's
+# process; on_crashed / on_cancellation (run by the worker) stop what the run started and end its MLflow runs.
+@flow(
+    name="free",
+    log_prints=True,
+    on_running=[recovery.record_process],
+    on_crashed=[recovery.end_tracking],
+    on_cancellation=[recovery.end_tracking],
+)
 def full_pipeline(
     experiment: str = "tiny", overrides: list[str] | None = None, push: bool = True, register_model: bool = True
 ) -> dict:

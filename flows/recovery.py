@@ -33,6 +33,11 @@ DEPLOYMENTS = ("free/full-pipeline", "promote/promote")
 ACTIVE = ("RUNNING", "PENDING", "CANCELLING")  # a process should exist for these
 WORKER_MODULE = "flows.serve"  # in the command line of the worker that spawned a flow run's process
 AUTOMATION = "free: crash flow runs whose heartbeats stopped"
+# On the served deployments (flows/serve.py), so on their runs and their heartbeats: the same deployment
+# names may be registered for a work pool (prefect.yaml), whose workers run them with Prefect's own
+# heartbeat period (180 s), which the automation's shorter silence must not judge.
+SERVED_TAG = "served-by-flows.serve"
+RUN_ENV = "FREE_FLOW_RUN_ID"  # set by record_process in the flow run's process: dvc and the stage inherit it
 FLOW_RUN_TAG = "prefect.flow_run_id"  # on the pipeline's MLflow parent run (flows/pipeline.py)
 Say = Callable[[str], None]
 
@@ -45,14 +50,16 @@ def record_process(flow: Any, flow_run: Any, state: Any) -> None:
     ``infrastructure_pid``, so that a later worker can tell whether the run still has a process."""
     from prefect.client.orchestration import get_client
 
+    os.environ[RUN_ENV] = str(flow_run.id)  # marks what the run starts (dvc repro, the stage) as its own
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")
 
 
 def end_tracking(flow: Any, flow_run: Any, state: Any) -> None:
     """``on_crashed`` / ``on_cancellation`` hook, run by the worker when a flow run's process ended
-    without reporting (killed, out of memory) or was cancelled: its MLflow runs still RUNNING end
-    FAILED (crashed) or KILLED (cancelled)."""
+    without reporting (killed, out of memory) or was cancelled: what it started is stopped, its MLflow
+    runs still RUNNING end FAILED (crashed) or KILLED (cancelled)."""
+    stop_run_processes(str(flow_run.id))  # dvc repro and the stage outlive a killed flow-run process
     status = "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED"
     fail_tracking(str(flow_run.id), f"Prefect flow run {state.name}: {state.message or ''}".strip(), status)
 
@@ -63,7 +70,8 @@ def end_tracking(flow: Any, flow_run: Any, state: Any) -> None:
 def reconcile(project: Path, say: Say = print) -> list[str]:
     """Crash the active runs of our deployments that have no live process; return their ids.
 
-    For each RUNNING/PENDING/CANCELLING run of :data:`DEPLOYMENTS`: a run whose recorded process
+    For each RUNNING/PENDING/CANCELLING run of :data:`DEPLOYMENTS` served by a worker like this one
+    (not one of a work pool, which its own worker manages): a run whose recorded process
     lives under a live worker is left alone; one whose process lives on after its worker died is
     stopped (:func:`stop_orphan`) and crashed; one without a live process is crashed. Runs recorded
     on another host are left alone (nothing here can tell). Then MLflow runs of crashed flow runs
@@ -99,6 +107,8 @@ def reconcile(project: Path, say: Say = print) -> list[str]:
                 ),
             )
         for run in runs:
+            if run.work_pool_name:  # a work pool's worker runs it (prefect.yaml): that worker's business
+                continue
             verdict, proc = process_of(run)
             if verdict == "served":
                 alive.append(str(run.id))
@@ -107,10 +117,12 @@ def reconcile(project: Path, say: Say = print) -> list[str]:
             if verdict == "elsewhere":
                 say(f"flow run {run.name} ({run.id}): recorded on {run.infrastructure_pid}, not here: left alone")
                 continue
+            stopped = [stop_orphan(proc)] if verdict == "orphan" else []
+            left = stop_run_processes(str(run.id))  # dvc repro, the stage: if they outlived the flow process
+            stopped += [f"{left} processes it had started"] if left else []
             why = "its worker died and no process of it is left"
-            if verdict == "orphan":
-                stopped = stop_orphan(proc)
-                why = f"its worker died; stopped what was left of it ({stopped})"
+            if stopped:
+                why = f"its worker died; stopped what was left of it: {'; '.join(stopped)}"
             message = f"Crashed by the worker starting at {time.strftime('%Y-%m-%d %H:%M:%S')}: {why}"
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
             crashed.append(str(run.id))
@@ -165,6 +177,33 @@ def stop_orphan(proc: psutil.Process, grace: float = 10.0) -> str:
         _signal_group(pgid, signal.SIGKILL)
         _wait(lambda: not _group(pgid), 5)
     return f"process group {pgid}: {len(members)} processes"
+
+
+def run_processes(flow_run_id: str) -> list[psutil.Process]:
+    """The live processes a flow run started (``$FREE_FLOW_RUN_ID`` in their environment), wherever
+    they are now: a killed parent leaves them to init, in the worker's process group."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE:
+                if proc.environ().get(RUN_ENV) == flow_run_id:
+                    found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def stop_run_processes(flow_run_id: str, grace: float = 10.0) -> int:
+    """Stop every process of :func:`run_processes` (SIGTERM, SIGKILL after ``grace`` s): all of the
+    run's, not the group they share with the worker. Returns how many there were."""
+    procs = run_processes(flow_run_id)
+    for proc in procs:
+        _quietly(proc.terminate)
+    _, left = psutil.wait_procs(procs, timeout=grace)
+    for proc in left:
+        _quietly(proc.kill)
+    psutil.wait_procs(left, timeout=5)
+    return len(procs)
 
 
 def _stop_tree(proc: psutil.Process, grace: float) -> str:
@@ -340,12 +379,17 @@ def ensure_zombie_automation(deployment_ids: Iterable[Any], silence_seconds: int
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in final)},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            match_related=ResourceSpecification(
-                {
-                    "prefect.resource.role": "deployment",
-                    "prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids],
-                }
-            ),
+            match_related=[  # both: a run of our deployments, served by flows.serve
+                ResourceSpecification(
+                    {
+                        "prefect.resource.role": "deployment",
+                        "prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids],
+                    }
+                ),
+                ResourceSpecification(
+                    {"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{SERVED_TAG}"}
+                ),
+            ],
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,

@@ -34,20 +34,19 @@ def say(line: str) -> None:
 
 
 def deployments() -> list:
-    """The two deployments, their flows with the hooks that let a later worker clean up after this one."""
-    hooks = {
-        "on_running": [recovery.record_process],
-        "on_crashed": [recovery.end_tracking],
-        "on_cancellation": [recovery.end_tracking],
-    }
+    """The two deployments, tagged as served here (the zombie automation judges only these). The runner
+    runs them from their entrypoints, so the pipeline flow carries its recovery hooks itself."""
     return [
-        full_pipeline.with_options(**hooks).to_deployment(
+        full_pipeline.to_deployment(
             name="full-pipeline",
             description="FREE end to end through DVC, tracked in MLflow; registers the meta-learner (challenger).",
             parameters={"experiment": "tiny", "overrides": []},
+            tags=[recovery.SERVED_TAG],
         ),
-        promote_flow.with_options(**hooks).to_deployment(
-            name="promote", description="Move alias champion to the challenger if it is not worse beyond the CI."
+        promote_flow.to_deployment(
+            name="promote",
+            description="Move alias champion to the challenger if it is not worse beyond the CI.",
+            tags=[recovery.SERVED_TAG],
         ),
     ]
 

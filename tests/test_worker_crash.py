@@ -374,6 +374,24 @@ def test_worker_leader_killed_then_up_stops_its_group_and_the_run_ends(live: Liv
 
 
 @pytest.mark.slow
+def test_a_killed_flow_run_process_under_a_live_worker_takes_its_stage_along(live: Live) -> None:
+    """``kill -9`` of the flow run's process alone (out of memory, say): the worker marks the run
+    Crashed and its ``on_crashed`` hook stops ``dvc repro`` and the stage (left to init, in the
+    worker's group, marked by ``$FREE_FLOW_RUN_ID``) and fails the MLflow runs."""
+    run_id, stage_proc, parent_id = live.mid_stage([])
+    worker_pid = live.worker()["pid"]
+    flow_proc = next(p for p in stage_proc.parents() if p.ppid() == worker_pid)
+    assert stage_proc.pid in {p.pid for p in recovery.run_processes(run_id)}
+    flow_proc.kill()
+    run = live.ended(run_id, 120)
+    print(f"flow-run process killed: {run.state.name}: {run.state.message}")
+    assert run.state.type.value == "CRASHED", run.state
+    assert live.tracking_ended(parent_id, 60).info.status == "FAILED"
+    _wait_for("the run's processes to stop", lambda: not recovery.run_processes(run_id), 30)
+    assert not stage_proc.is_running() and _alive(worker_pid)
+
+
+@pytest.mark.slow
 def test_a_worker_never_restarted_has_its_run_crashed_by_the_heartbeat_automation(live: Live) -> None:
     """The worker's group killed and nothing restarts it: the automation crashes the run once its
     heartbeats stop (``ZOMBIE_AFTER_SECONDS`` after the last one); the next start fails its MLflow runs."""

@@ -1,8 +1,9 @@
 """prefect.yaml against a real Prefect server: ``prefect deploy --all`` registers the process-pool
-deployments as declared (default run, ~2 min on 2 cores with the server's start); slow (``-m slow``,
-~2 more minutes): a real ``prefect worker`` (process type) picks up a flow run of ``smoke/smoke`` and
-completes it in a checkout of the project, and the Kubernetes deployment file registers against a
-pool made from its template (registering needs no cluster).
+deployments as declared; a real ``prefect worker`` (process type) picks up a flow run of
+``smoke/smoke`` and completes it in a checkout of the project; the Kubernetes deployment file
+registers against a pool made from its template (registering needs no cluster). 47-75 s on 2 idle
+cores (server start 11 s, deploy 11 s, worker run 13-40 s, kubernetes registration 9 s); 4 minutes
+when the cores are shared with other test runs.
 
 One Prefect server for the module (loopback, a free port, a private PREFECT_HOME and SQLite
 database under tmp_path), in its own process group, stopped in the end; the commands run in a fresh
@@ -155,7 +156,6 @@ def test_deploy_all_registers_the_declared_deployments(prefect: Prefect) -> None
     assert set(pipeline["job_variables"]) <= declared_vars
 
 
-@pytest.mark.slow  # ~50-70 s on 2 busy cores (worker start, flow-run subprocess importing torch/dvc/mlflow)
 def test_a_process_worker_runs_a_flow_run_to_completion(prefect: Prefect, tmp_path: Path) -> None:
     prefect.deploy_all()
     smoke = _deployment(prefect, "smoke/smoke")
@@ -186,7 +186,6 @@ def test_a_process_worker_runs_a_flow_run_to_completion(prefect: Prefect, tmp_pa
     assert f"worker ready in {prefect.project}" in messages, messages[-2000:]
 
 
-@pytest.mark.slow  # ~30-55 s: two more CLI runs, each loading the flows
 def test_kubernetes_deployments_register(prefect: Prefect) -> None:
     """infra/prefect-kubernetes.yaml against a pool made from infra/k8s/work-pool-template.json: the
     server checks the job variables against the pool's template (no cluster is needed to register).

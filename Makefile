@@ -65,6 +65,7 @@ bench: setup  ## all benchmarks as in docs/RESULTS.md -> benchmarks/results/*.js
 	$(BIN)/python benchmarks/profile_hotpaths.py --compile
 	$(BIN)/free bench pipeline
 	$(BIN)/free bench accuracy experiment=tiny evaluate.episodes=100 --seeds 1
+	$(BIN)/free bench units experiment=mini_imagenet
 
 lint: setup  ## ruff only
 	$(BIN)/ruff check .

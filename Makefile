@@ -51,7 +51,7 @@ repro: setup  ## dvc repro (stages run bin/project-python: this project's .venv 
 
 test: setup  ## lint + default test suite (slow tests excluded)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=30  # the 30 slowest tests, to keep the run near 20 min
 
 test-all: setup  ## every test, slow ones included
 	$(BIN)/python -m pytest -m ""

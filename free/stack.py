@@ -366,7 +366,8 @@ def up(settings: StackSettings, say: Callable[[str], None] = print, only: list[s
     a service fails to start, the ones already up stay up (``down`` stops them) and the error
     carries the tail of its log. ``only``: start just these services (tests start a part).
     """
-    for sub in ("logs", "s3", "mlflow", "prefect"):
+    # logs/s3: SeaweedFS's -logdir (glog writes its INFO/WARNING files there; it does not create it).
+    for sub in ("logs", "logs/s3", "s3", "mlflow", "prefect"):
         (settings.state_dir / sub).mkdir(parents=True, exist_ok=True)
     # Owner only: the folder holds the credentials, logs that name the access key, and the databases.
     settings.state_dir.chmod(0o700)

@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +29,7 @@ from flows.pipeline import is_noise
 from free import stack
 from free.bench.pipeline import copy_project
 from free.stack import free_port_block
+from tests import helpers_stack
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,34 +37,14 @@ MODEL = "free-meta-learner"
 # Recognisable S3 credentials for this module's stack: test_no_credential_leaks looks for them everywhere,
 # this file among the tracked ones (so each is spelt here in two halves).
 FAKE_KEY_ID, FAKE_SECRET = "FREEFAKE" + "KEYID7Q3", "free-fake-secret" + "-9d41c7e2b58a"
+SECRETS = {"key id": FAKE_KEY_ID, "secret": FAKE_SECRET}
 
 
-class CmdlineWatch:
-    """Samples every process's command line (``/proc/*/cmdline``) in a thread while the stack starts
-    and the pipeline runs, keeping those that show a fake credential."""
+class CmdlineWatch(helpers_stack.CmdlineWatch):
+    """:class:`tests.helpers_stack.CmdlineWatch` for this module's fake S3 credentials."""
 
     def __init__(self) -> None:
-        self.hits: list[str] = []
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.1):
-            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-                try:
-                    line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                hit = f"{cmdline.parent.name}: {line[:300]}"
-                if (FAKE_KEY_ID in line or FAKE_SECRET in line) and hit not in self.hits:
-                    self.hits.append(hit)
-            self.samples += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__(SECRETS)
 
 
 class Live:
@@ -86,15 +66,7 @@ class Live:
         return MlflowClient(self.settings.mlflow_tracking_uri)
 
 
-def _use_built_venv(project: Path) -> None:
-    """Give the copy the virtual environment ``make setup`` built (as ``.venv``), and make sure its
-    stamp is newer than the copy's install files, so ``make`` never reinstalls into it from the copy."""
-    venv = BIN.parent
-    stamp = venv / ".setup-complete"
-    newest = max((project / name).stat().st_mtime for name in ("pyproject.toml", "constraints.txt"))
-    if not stamp.is_file() or stamp.stat().st_mtime < newest:
-        pytest.fail(f"{venv} is not set up for this checkout: run `make setup` (or `make test`) first")
-    (project / ".venv").symlink_to(venv)
+_use_built_venv = helpers_stack.use_built_venv
 
 
 @pytest.fixture(scope="module")
@@ -548,21 +520,12 @@ def _wait_for(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
-def _post_json(url: str, body: dict) -> list:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
 def _leaks(label: str, data: bytes) -> list[str]:
-    return [f"{label}: {name}" for name, value in (("key id", FAKE_KEY_ID), ("secret", FAKE_SECRET))
-            if value.encode() in data]  # fmt: skip
+    return helpers_stack.leaks(label, data, SECRETS)
 
 
 def _leaks_in(folder: Path) -> list[str]:
-    return [hit for f in sorted(folder.rglob("*")) if f.is_file() for hit in _leaks(str(f), f.read_bytes())]
+    return helpers_stack.leaks_in(folder, SECRETS)
 
 
 def test_no_credential_leaks(live: Live, pipeline_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -573,14 +536,9 @@ def test_no_credential_leaks(live: Live, pipeline_run, tmp_path: Path, monkeypat
     import mlflow
 
     client = live.client()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, max_results=1000)
-    assert len(runs) >= 5, len(runs)  # the pipeline's parent and stage runs at least
-    for run in runs:
-        found += _leaks(f"mlflow run {run.info.run_id}", json.dumps([run.data.params, run.data.tags]).encode())
-        found += _leaks_in(Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id))))
-    for version in client.search_model_versions(f"name = '{MODEL}'"):
-        found += _leaks(f"model version {version.version} tags", json.dumps(version.tags).encode())
+    hits, n_runs = helpers_stack.mlflow_leaks(client, SECRETS, tmp_path, MODEL)
+    assert n_runs >= 5, n_runs  # the pipeline's parent and stage runs at least
+    found += hits
     monkeypatch.chdir(tmp_path)  # whatever MLflow may create by itself lands here
     monkeypatch.setenv("MLFLOW_TRACKING_URI", live.settings.mlflow_tracking_uri)  # models:/ resolves through it
     source = client.get_model_version_by_alias(MODEL, "challenger").source
@@ -588,22 +546,13 @@ def test_no_credential_leaks(live: Live, pipeline_run, tmp_path: Path, monkeypat
     found += _leaks_in(model)
 
     # Prefect: every flow run's parameters, every log line.
-    api = live.settings.prefect_api_url
-    flow_runs = _post_json(f"{api}/flow_runs/filter", {"limit": 200})
+    hits, flow_runs, n_logs = helpers_stack.prefect_leaks(live.settings.prefect_api_url, SECRETS)
     assert flow_runs, "no flow runs"
-    found += _leaks("prefect flow-run parameters", json.dumps([r["parameters"] for r in flow_runs]).encode())
-    offset, n_logs = 0, 0
-    while logs := _post_json(f"{api}/logs/filter", {"limit": 200, "offset": offset}):
-        found += _leaks(f"prefect logs {offset}..", json.dumps(logs).encode())
-        offset, n_logs = offset + len(logs), n_logs + len(logs)
     assert n_logs > 0
+    found += hits
 
     # Tracked files, and process command lines sampled since before `make stack-up`.
-    tracked = live.run("git", "ls-files", "-z").stdout.split("\0")
-    for name in filter(None, tracked):
-        path = live.project / name
-        if path.is_file() and not path.is_symlink():
-            found += _leaks(f"tracked {name}", path.read_bytes())
+    found += helpers_stack.tracked_leaks(live.project, SECRETS)
     assert live.cmdlines is not None and live.cmdlines.samples > 10
     found += [f"command line of pid {hit}" for hit in live.cmdlines.hits]
 

@@ -1,0 +1,121 @@
+"""Shared by the tests that run the real services: find credentials where they must never be.
+
+Each scan takes ``secrets``, ``{name: value}`` of recognisable fake credentials (``{"key id": ...,
+"secret": ...}``), and returns one line per hit (``"<where>: <name>"``), so a test asserts ``== []``
+and its failure names every place a credential showed up.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+Secrets = Mapping[str, str]
+
+
+def leaks(label: str, data: bytes, secrets: Secrets) -> list[str]:
+    """``"<label>: <name>"`` for each secret whose value is in ``data``."""
+    return [f"{label}: {name}" for name, value in secrets.items() if value.encode() in data]
+
+
+def leaks_in(folder: Path, secrets: Secrets) -> list[str]:
+    """:func:`leaks` of every file under ``folder``, labelled with its path."""
+    return [hit for f in sorted(folder.rglob("*")) if f.is_file() for hit in leaks(str(f), f.read_bytes(), secrets)]
+
+
+class CmdlineWatch:
+    """Samples every process's command line (``/proc/*/cmdline``) in a thread while services start
+    and the pipeline runs, keeping those that show one of ``secrets``' values."""
+
+    def __init__(self, secrets: Secrets) -> None:
+        self.values = [v.encode() for v in secrets.values()]
+        self.hits: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    raw = cmdline.read_bytes()
+                except OSError:
+                    continue
+                if any(value in raw for value in self.values):
+                    line = raw.replace(b"\0", b" ").decode(errors="replace")
+                    hit = f"{cmdline.parent.name}: {line[:300]}"
+                    if hit not in self.hits:
+                        self.hits.append(hit)
+            self.samples += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def post_json(url: str, body: dict) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def mlflow_leaks(client: Any, secrets: Secrets, scratch: Path, model: str | None = None) -> tuple[list[str], int]:
+    """Every run's params, tags and artifacts (downloaded under ``scratch``) and, with ``model``, every
+    version's tags of that registered model. Returns ``(hits, runs scanned)``."""
+    found: list[str] = []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, max_results=1000)
+    for run in runs:
+        found += leaks(f"mlflow run {run.info.run_id}", json.dumps([run.data.params, run.data.tags]).encode(), secrets)
+        found += leaks_in(Path(client.download_artifacts(run.info.run_id, "", str(scratch / run.info.run_id))), secrets)
+    if model:
+        for version in client.search_model_versions(f"name = '{model}'"):
+            found += leaks(f"model version {version.version} tags", json.dumps(version.tags).encode(), secrets)
+    return found, len(runs)
+
+
+def prefect_leaks(api: str, secrets: Secrets) -> tuple[list[str], list[dict], int]:
+    """Every flow run's parameters and every log line of the Prefect server at ``api``.
+    Returns ``(hits, flow runs, log lines scanned)``."""
+    flow_runs = post_json(f"{api}/flow_runs/filter", {"limit": 200})
+    found = leaks("prefect flow-run parameters", json.dumps([r["parameters"] for r in flow_runs]).encode(), secrets)
+    offset = 0
+    while logs := post_json(f"{api}/logs/filter", {"limit": 200, "offset": offset}):
+        found += leaks(f"prefect logs {offset}..", json.dumps(logs).encode(), secrets)
+        offset += len(logs)
+    return found, flow_runs, offset
+
+
+def tracked_leaks(project: Path, secrets: Secrets) -> list[str]:
+    """Every file git tracks in ``project`` (as it is on disk now)."""
+    import subprocess
+
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=project, capture_output=True, check=True).stdout
+    found = []
+    for name in filter(None, names.decode().split("\0")):
+        path = project / name
+        if path.is_file() and not path.is_symlink():
+            found += leaks(f"tracked {name}", path.read_bytes(), secrets)
+    return found
+
+
+def use_built_venv(project: Path) -> None:
+    """Give a project copy the virtual environment ``make setup`` built (as ``.venv``), and make sure its
+    stamp is newer than the copy's install files, so ``make`` never reinstalls into it from the copy."""
+    venv = BIN.parent
+    stamp = venv / ".setup-complete"
+    newest = max((project / name).stat().st_mtime for name in ("pyproject.toml", "constraints.txt"))
+    if not stamp.is_file() or stamp.stat().st_mtime < newest:
+        pytest.fail(f"{venv} is not set up for this checkout: run `make setup` (or `make test`) first")
+    (project / ".venv").symlink_to(venv)

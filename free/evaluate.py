@@ -134,7 +134,7 @@ def evaluate(
     n_way: int,
     k_shot: int,
     q_query: int,
-    episodes: int,
+    episodes: int | range,
     inner_steps: int,
     inner_lr: float,
     seed: int,
@@ -149,11 +149,18 @@ def evaluate(
     stream, so the episodes (and the result) depend on the seed only, not on the chunk size, which
     merely bounds memory.
 
+    A ``range(start, stop)`` evaluates only episodes ``start .. stop - 1`` of that stream: the unit
+    of a meta-test shard (``runner=dask``, :func:`episode_shards`). The sampler is replayed past the
+    first ``start`` episodes (drawing indices and images only, no adaptation), so episode ``i`` is
+    the same episode whichever shard evaluates it, and the shards' results concatenated in order are
+    the whole run's. Chunks stay on the global grid of ``episode_batch`` (a chunk never straddles a
+    multiple of it), so a vectorised shard batches the same episodes together as the whole run does.
+
     Args:
         model, params, buffers: the network and its initialisation (see :func:`query_logits`).
         split: the real images to draw episodes from (meta-test, or meta-val for model selection).
         n_way, k_shot, q_query: episode shape.
-        episodes: number of episodes ``E``.
+        episodes: number of episodes ``E`` (episodes ``0 .. E - 1``), or a ``range`` of them.
         inner_steps, inner_lr: the inner loop.
         seed: seed of the episode sampler.
         episode_batch: episodes per vectorised chunk.
@@ -161,49 +168,15 @@ def evaluate(
         progress: optional ``progress(iterable, description, total)`` wrapper over the chunks.
 
     Returns:
-        ``(E,)`` float accuracies on the CPU, in episode order.
+        ``(E,)`` float accuracies on the CPU, in episode order (``E = len(episodes)`` for a range).
     """
-    if episodes < 1:
-        raise ValueError(f"need episodes >= 1, got {episodes}")
-    shape, loop = (n_way, k_shot, q_query), (inner_steps, inner_lr)
-    return evaluate_range(
-        model, params, buffers, split, *shape, 0, episodes, *loop, seed, episode_batch, vectorised, progress
-    )
-
-
-def evaluate_range(
-    model: nn.Module,
-    params: Params,
-    buffers: Params,
-    split: FewShotSplit,
-    n_way: int,
-    k_shot: int,
-    q_query: int,
-    start: int,
-    stop: int,
-    inner_steps: int,
-    inner_lr: float,
-    seed: int,
-    episode_batch: int,
-    vectorised: bool = True,
-    progress: Progress | None = None,
-) -> torch.Tensor:
-    """Per-episode accuracies of episodes ``start .. stop - 1`` of :func:`evaluate`'s stream.
-
-    The unit of a meta-test shard (``runner=dask``, :func:`episode_shards`): the sampler is replayed
-    past the first ``start`` episodes (drawing indices and images only, no adaptation), so episode
-    ``i`` is the same episode whichever shard evaluates it, and the shards' results concatenated in
-    order are :func:`evaluate`'s. Chunks stay on the global grid of ``episode_batch`` (a chunk never
-    straddles a multiple of it), so a vectorised shard batches the same episodes together as the
-    whole run does.
-
-    Args: as :func:`evaluate`, with ``0 <= start < stop`` in place of ``episodes``.
-
-    Returns:
-        ``(stop - start,)`` float accuracies on the CPU, in episode order.
-    """
-    if not 0 <= start < stop or episode_batch < 1:
-        raise ValueError(f"need 0 <= start < stop and episode_batch >= 1, got {start}, {stop} and {episode_batch}")
+    span = range(episodes) if isinstance(episodes, int) else episodes
+    if len(span) < 1 or span.start < 0 or span.step != 1 or episode_batch < 1:
+        raise ValueError(
+            f"need episodes >= 1 (or a range(start, stop) with 0 <= start < stop) and episode_batch >= 1, "
+            f"got {episodes!r} and {episode_batch}"
+        )
+    start, stop = span.start, span.stop
     sampler = EpisodeSampler(split, n_way, k_shot, q_query, seed=seed)
     for _ in range(start):
         sampler.sample(1)  # the stream of one episode per call, as _draw consumes it
@@ -224,7 +197,7 @@ def episode_shards(episodes: int, episode_batch: int, shards: int) -> list[tuple
     """Split episodes ``0 .. episodes - 1`` into at most ``shards`` contiguous ``(start, stop)`` ranges.
 
     Boundaries fall on multiples of ``episode_batch`` (whole chunks per shard, see
-    :func:`evaluate_range`), as evenly as the chunks allow; never an empty range.
+    :func:`evaluate`), as evenly as the chunks allow; never an empty range.
     """
     if episodes < 1 or episode_batch < 1 or shards < 1:
         raise ValueError(f"need episodes, episode_batch and shards >= 1, got {episodes}, {episode_batch}, {shards}")
@@ -298,20 +271,33 @@ def metatest(
             params,
             buffers,
             split,
-            ev.n_way,
-            k_shot,
-            ev.q_query,
-            ev.episodes,
-            ev.inner_steps,
-            inner_lr,
-            seed=shot_seed(ev, k_shot),
-            episode_batch=ev.episode_batch,
+            episodes=ev.episodes,
             vectorised=vectorised,
             progress=progress,
+            **setting_arguments(ev, inner_lr, k_shot),
         )
         for k_shot in shot_settings(ev)
     }
     return metatest_result(accs, ev.n_way, ev.episodes)
+
+
+def setting_arguments(cfg_evaluate: Any, inner_lr: float, k_shot: int) -> dict[str, Any]:
+    """:func:`evaluate`'s episode shape, inner loop, seed and chunk size for shot setting ``k_shot``.
+
+    The one place that maps the evaluate config onto :func:`evaluate`: :func:`metatest` evaluates
+    all ``evaluate.episodes`` of a setting with them, a ``runner=dask`` shard a ``range`` of them
+    (:func:`free.stages.metatest.evaluate_shard`), so both draw the same episodes.
+    """
+    ev = cfg_evaluate
+    return {
+        "n_way": ev.n_way,
+        "k_shot": k_shot,
+        "q_query": ev.q_query,
+        "inner_steps": ev.inner_steps,
+        "inner_lr": inner_lr,
+        "seed": shot_seed(ev, k_shot),
+        "episode_batch": ev.episode_batch,
+    }
 
 
 def shot_settings(cfg_evaluate: Any) -> list[int]:

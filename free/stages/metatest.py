@@ -39,7 +39,7 @@ from free.checkpoints import CheckpointError, load_classifier
 from free.config.schema import Config, dataset_settings
 from free.data import load_splits
 from free.data.base import Progress
-from free.evaluate import evaluate_range, metatest, metatest_result, shot_seed
+from free.evaluate import evaluate, metatest, metatest_result, setting_arguments
 from free.maml import split_state
 
 METRICS_FILE = "metatest.json"
@@ -114,7 +114,7 @@ def evaluate_shard(
 
     What a ``runner=dask`` task runs (flows/fanout.py), in a worker process: it loads the checkpoint
     and the meta-test split itself and returns plain floats, which :func:`run` concatenates in order
-    into the same metrics as the local loop (:func:`free.evaluate.evaluate_range`).
+    into the same metrics as the local loop (:func:`free.evaluate.metatest`).
     ``threads``: the stage process's intra-op thread count, which the numbers depend on.
     """
     set_threads(threads)
@@ -122,23 +122,9 @@ def evaluate_shard(
     model, _ = load_classifier(checkpoint)
     params, buffers = split_state(model.to(device))
     split = load_splits(cfg.dataset, cfg.paths.cache_dir)["test"]
-    ev = cfg.evaluate
-    accs = evaluate_range(
-        model,
-        params,
-        buffers,
-        split,
-        ev.n_way,
-        k_shot,
-        ev.q_query,
-        start,
-        stop,
-        ev.inner_steps,
-        cfg.metalearn.inner_lr,
-        shot_seed(ev, k_shot),
-        ev.episode_batch,
-        vectorised=device.type != "cpu",  # as run() chooses
-    )
+    arguments = setting_arguments(cfg.evaluate, cfg.metalearn.inner_lr, k_shot)
+    vectorised = device.type != "cpu"  # as run() chooses
+    accs = evaluate(model, params, buffers, split, episodes=range(start, stop), vectorised=vectorised, **arguments)
     return accs.tolist()
 
 

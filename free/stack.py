@@ -52,6 +52,7 @@ from free.stack_security import weed_security_env, write_private
 
 HOST = "127.0.0.1"
 DVC_REMOTE = "local-s3"
+EXTERNAL_ENV = "FREE_STACK_EXTERNAL"  # 1: S3 and MLflow are real clouds' (StackSettings.external)
 TAG = "FREE_STACK_SERVICE"  # in each service's environment: "<state dir>#<service>", inherited by its children
 
 
@@ -73,6 +74,11 @@ class StackSettings:
     backend: str = field(default_factory=lambda: os.environ.get("FREE_STACK_BACKEND", "sqlite"))  # or postgres
     postgres_port: int = field(default_factory=lambda: int(os.environ.get("FREE_POSTGRES_PORT", 0)))  # 0: a free one
     worker: bool = True  # serve the Prefect deployments too
+    # Real clouds (docs/SERVICES.md): S3 and MLflow are elsewhere; only Prefect and the worker run here, and
+    # the worker reaches them with the settings of the environment `up` runs in (MLFLOW_TRACKING_URI, AWS_*).
+    external: bool = field(default_factory=lambda: os.environ.get(EXTERNAL_ENV, "") not in ("", "0"))
+    # The worker: serve() of flows/serve.py (False), or a process worker of pool free-local (True).
+    work_pool: bool = field(default_factory=lambda: os.environ.get("FREE_STACK_WORK_POOL", "") not in ("", "0"))
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -88,6 +94,8 @@ class StackSettings:
         for key, value in {**recorded, **{k: v for k, v in given.items() if v is not None}}.items():
             if key != "state_dir" and hasattr(settings, key):
                 setattr(settings, key, Path(value) if key == "project_dir" else value)
+        if os.environ.get(EXTERNAL_ENV) is not None:  # chosen now: wins over the record
+            settings.external = os.environ[EXTERNAL_ENV] not in ("", "0")
         return settings
 
     @property
@@ -138,7 +146,11 @@ def credentials(settings: StackSettings) -> dict[str, str]:
 
 
 def client_env(settings: StackSettings) -> dict[str, str]:
-    """The environment that points clients (DVC, MLflow, Prefect, the flows) at this stack."""
+    """The environment that points clients (DVC, MLflow, Prefect, the flows) at this stack. External
+    (real clouds): Prefect's settings only; S3 and MLflow settings stay the user's own."""
+    if settings.external:
+        prefect = {"PREFECT_API_URL": settings.prefect_api_url, "PREFECT_HOME": str(settings.state_dir / "prefect")}
+        return {**prefect, **(postgres_client_env(settings) if settings.backend == "postgres" else {})}
     return {
         **credentials(settings),
         "PREFECT_API_URL": settings.prefect_api_url,
@@ -174,7 +186,7 @@ def use_running_stack(purpose: str, state_dir: Path | None = None) -> str:
     if configured:
         return configured
     settings = StackSettings.load(state_dir)
-    mlflow = status(settings)["services"]["mlflow"]
+    mlflow = status(settings)["services"].get("mlflow", {"healthy": False})  # external: none here
     if not mlflow["healthy"]:
         raise StackError(
             f"{purpose} needs an MLflow server: MLFLOW_TRACKING_URI is not set and the local stack "
@@ -230,7 +242,7 @@ def services(settings: StackSettings) -> list[Service]:
         listed.append(
             Service(
                 "worker",
-                [sys.executable, "-m", "flows.serve"],
+                [sys.executable, "-m", "flows.pool_worker" if settings.work_pool else "flows.serve"],
                 settings.prefect_port,
                 f"{settings.prefect_api_url}/deployments/name/free/full-pipeline",
                 f"http://{HOST}:{settings.prefect_port}/deployments",
@@ -243,6 +255,8 @@ def services(settings: StackSettings) -> list[Service]:
         from free.stack_postgres import use_postgres
 
         use_postgres(settings, listed)
+    if settings.external:  # S3 and MLflow are the clouds'
+        listed = [service for service in listed if service.name not in ("s3", "mlflow")]
     return listed
 
 
@@ -401,7 +415,8 @@ def up(settings: StackSettings, say: Callable[[str], None] = print, only: list[s
         _start(settings, state, service, say)
         if service.ready:
             service.ready()
-    configure_dvc_remote(settings)
+    if not settings.external:  # external: the DVC remote is the user's (.dvc/config), keys from AWS_* / a profile
+        configure_dvc_remote(settings)
     return status(settings)
 
 
@@ -570,6 +585,16 @@ def _reap(pid: int | None) -> None:
 
 
 def _urls(settings: StackSettings) -> dict:
+    if settings.external:  # what this environment points at (recorded by `up`)
+        env = os.environ.get
+        return {
+            "state_dir": str(settings.state_dir), "project_dir": str(settings.project_dir),
+            "prefect_api_url": settings.prefect_api_url, "prefect_ui_url": f"http://{HOST}:{settings.prefect_port}",
+            "mlflow_tracking_uri": env("MLFLOW_TRACKING_URI") or "(MLFLOW_TRACKING_URI not set)",
+            "s3_endpoint_url": env("FREE_S3_ENDPOINT_URL") or env("AWS_ENDPOINT_URL_S3") or "(AWS S3)",
+            "s3_bucket": settings.bucket, "backend": settings.backend, "external": True,
+            "dvc_remote": "(the default remote of .dvc/config)", "mlflow_artifacts": "(the tracking server's)",
+        }  # fmt: skip
     return {
         "state_dir": str(settings.state_dir),
         "project_dir": str(settings.project_dir),

@@ -54,6 +54,15 @@ def stack_up(
         int | None, typer.Option(help="first of 9 more SeaweedFS ports; env FREE_S3_AUX_PORT; default 18334")
     ] = None,
     worker: Annotated[bool, typer.Option(help="Also serve the Prefect deployments (free/full-pipeline).")] = True,
+    work_pool: Annotated[
+        bool | None,
+        typer.Option(
+            "--work-pool/--serve",
+            help="The worker: a process worker of work pool free-local running prefect.yaml's deployments "
+            "(`prefect deploy --all`), or serve() of flows/serve.py. Recorded; env FREE_STACK_WORK_POOL=1; "
+            "default --serve",
+        ),
+    ] = None,
     backend: Annotated[
         Backend | None,
         typer.Option(
@@ -71,7 +80,12 @@ def stack_up(
 
     ports = {"prefect_port": prefect_port, "mlflow_port": mlflow_port, "s3_port": s3_port, "aux_port": aux_port}
     settings = _stack_settings(
-        state_dir, **ports, worker=worker, backend=backend and backend.value, postgres_port=postgres_port
+        state_dir,
+        **ports,
+        worker=worker,
+        work_pool=work_pool,
+        backend=backend and backend.value,
+        postgres_port=postgres_port,
     )
     report = stack.up(settings, say=lambda line: out.print(line, highlight=False))
     out.print(f"Prefect UI  {report['prefect_ui_url']}")

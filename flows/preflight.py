@@ -10,6 +10,10 @@ kept a run with MLflow down going for 17 minutes) with one message naming every 
   skipped, and said so, when the remote is not an ``s3://`` one or nothing will be pushed;
 * Prefect: ``PREFECT_API_URL``, ``GET /health``; skipped when unset (a temporary server runs the flow).
 
+A tracking URI with a password in it (``https://user:pass@host``) fails the run before any probe: the
+URI is shown in logs, events and the run's links. The login goes in ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``), which MLflow's client reads.
+
 Reachable means an HTTP answer below 500 (an S3 endpoint answers an anonymous ``GET /`` with 403, a
 proxy in front of a dead server with 502). Standard library only.
 """
@@ -97,6 +101,19 @@ def endpoints(
     return checks, skipped
 
 
+def refuse_secret_in_uri(tracking_uri: str) -> None:
+    """Raise :class:`PreflightError` when ``tracking_uri`` carries a password; the message hides it."""
+    parts = urlparse(tracking_uri)
+    if parts.password:
+        host = parts.netloc.rsplit("@", 1)[1]
+        shown = parts._replace(netloc=f"{parts.username}:***@{host}")
+        raise PreflightError(
+            f"preflight: the MLflow tracking URI {shown.geturl()} (MLFLOW_TRACKING_URI / tracking.tracking_uri) holds "
+            "a password, which the run would show in its logs and links: remove it from the URI and set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+        )
+
+
 def probe(endpoint: Endpoint, timeout: float = TIMEOUT) -> str | None:
     """None when ``endpoint`` answers with an HTTP status below 500, else why not (one phrase)."""
     try:
@@ -119,8 +136,9 @@ def check(
 
     Raises:
         PreflightError: one or more do not answer; names each URI, the setting it comes from, the
-            reason, and what to do.
+            reason, and what to do. Or the tracking URI holds a password (:func:`refuse_secret_in_uri`).
     """
+    refuse_secret_in_uri(tracking_uri)
     checks, skipped = endpoints(project, tracking_uri, push, prefect_api_url, prefect)
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, len(checks))) as pool:

@@ -242,6 +242,20 @@ def lineage_tags(project: Path, cfg: Config) -> dict[str, str]:
     return tags
 
 
+# What the registered model needs to load and serve: MLflow's pyfunc loader, the package (which pins torch,
+# safetensors and the rest) and numpy for its inputs. Passed to MLflow rather than inferred: inference
+# loads the model in a subprocess to record its imports, 12-16 s of every registration here (docs/RESULTS.md,
+# "The cost of orchestration"), and it also listed packages MLflow itself imports (colorama, pydot, tqdm).
+MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "free-pipeline", "numpy")
+
+
+def model_requirements() -> list[str]:
+    """:data:`MODEL_REQUIREMENTS` pinned to the versions installed here (``mlflow==3.17.2``, ...)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
+
+
 def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tuple[str, str]:
     """Log the meta-learner as a pyfunc in the parent run and register it. Returns ``(name, version)``."""
     from free import serving_model
@@ -268,6 +282,7 @@ def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tupl
             signature=signature(meta),
             input_example=input_example(meta, min(meta["n_classes"], cfg.evaluate.n_way)),
             registered_model_name=cfg.tracking.registered_model,
+            pip_requirements=model_requirements(),
         )
     return cfg.tracking.registered_model, str(info.registered_model_version)
 

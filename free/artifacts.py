@@ -35,7 +35,7 @@ from free.data.base import sha256_file
 DONE_FILE = ".done.json"
 
 
-#: A temporary file of :func:`write_atomic`: ``.<name>.tmp<pid>`` (also the tensor cache's ``<stem>.tmp<pid>``).
+#: A temporary file of :func:`write_atomic`: ``.<name>.tmp<pid>`` (older tensor caches wrote ``<stem>.tmp<pid>``).
 _TMP_NAME = re.compile(r"\.tmp(\d+)$")
 
 #: Causes of a failed write that the user fixes on the machine, not in the configuration.
@@ -146,8 +146,10 @@ def _discard(path: Path) -> None:
         pass
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, setting: str = "paths.artifacts_dir") -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    ``setting``: the configuration key that chooses the folder, named in the error's fix.
 
     Raises:
         StorageError: the write failed (disk full, read-only, ...); ``path`` is unchanged.
@@ -160,7 +162,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as err:
         _discard(tmp)
-        raise storage_error(path, err) from err
+        raise storage_error(path, err, setting) from err
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -25,17 +25,14 @@ from typer.testing import CliRunner
 from free.artifacts import load_tensors
 from free.cli import app
 from free.config import compose
+from free.data import cache
 from free.stages import data, metatrain, teachers
 from free.stages.metatrain import MetaTrainLoop
 from free.taskcache import MemoryBank
-from tests.test_kill_resume import FAKE, OUTPUTS, digests
+from tests.helpers_stages import OUTPUTS, digests, fake_inputs, fake_overrides, record_resumes
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-def _overrides(root: Path, artifacts: Path) -> list[str]:
-    return [f"dataset.root={root}", f"paths.artifacts_dir={artifacts}", *FAKE]
 
 
 def _full_at(path: Path) -> Path:
@@ -63,9 +60,7 @@ def test_a_full_output_folder_fails_at_stage_start_before_any_work(
 ) -> None:
     artifacts = tmp_path / "artifacts"
     if stage in ("metatrain", "metatest"):  # their inputs, so that the probe is what stops them
-        cfg = compose(_overrides(fake_omniglot, artifacts))
-        data.run(cfg)
-        teachers.run(cfg)
+        fake_inputs(fake_omniglot, artifacts)
         if stage == "metatest":
             (artifacts / "metalearner").mkdir()
             shutil.copy(REPO / "tests" / "test_disk_faults.py", artifacts / "metalearner" / "metalearner.safetensors")
@@ -78,7 +73,7 @@ def test_a_full_output_folder_fails_at_stage_start_before_any_work(
         monkeypatch.setattr(module, name, lambda *a, _o=original, **k: (work.append(1), _o(*a, **k))[1])
 
     command = ["data", "build"] if stage == "data" else [stage]
-    result = runner.invoke(app, [*command, *_overrides(fake_omniglot, artifacts)])
+    result = runner.invoke(app, [*command, *fake_overrides(fake_omniglot, artifacts)])
 
     _assert_storage_error(result, f"output folder {artifacts / folder} is not writable", "before any work")
     assert not work, f"{stage} started working before failing"
@@ -90,7 +85,7 @@ def test_a_full_output_folder_fails_at_stage_start_before_any_work(
 def test_a_full_disk_while_training_teachers_keeps_the_finished_ones(
     fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    overrides = _overrides(fake_omniglot, tmp_path / "artifacts")
+    overrides = fake_overrides(fake_omniglot, tmp_path / "artifacts")
     data.run(compose(overrides))
     out = tmp_path / "artifacts" / "teachers"
     planted = _full_at(out / "teacher_001.safetensors")
@@ -103,9 +98,7 @@ def test_a_full_disk_while_training_teachers_keeps_the_finished_ones(
     summary = teachers.run(compose(overrides))  # space freed: only the teacher that failed is trained
     assert (summary["trained"], summary["reused"]) == (1, 1)
     unbroken = tmp_path / "unbroken"
-    cfg = compose(_overrides(fake_omniglot, unbroken))
-    data.run(cfg)
-    teachers.run(cfg)
+    fake_inputs(fake_omniglot, unbroken)
     assert digests([out], tmp_path / "artifacts") == digests([unbroken / "teachers"], unbroken)
 
 
@@ -113,16 +106,13 @@ def test_a_full_disk_at_a_metatrain_checkpoint_keeps_the_previous_one_and_resume
     fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     unbroken = tmp_path / "unbroken"
-    cfg = compose(_overrides(fake_omniglot, unbroken))
-    data.run(cfg)
-    teachers.run(cfg)
-    metatrain.run(cfg)
+    metatrain.run(fake_inputs(fake_omniglot, unbroken))
 
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     for name in ("data", "teachers"):
         shutil.copytree(unbroken / name, artifacts / name)
-    overrides = _overrides(fake_omniglot, artifacts)
+    overrides = fake_overrides(fake_omniglot, artifacts)
     original_save = MetaTrainLoop.save_state
 
     def save_state(self: MetaTrainLoop, directory: Path) -> None:
@@ -143,19 +133,33 @@ def test_a_full_disk_at_a_metatrain_checkpoint_keeps_the_previous_one_and_resume
     MemoryBank.load(state_dir / "bank")  # verifies every shard against its manifest
     assert not (artifacts / "metalearner" / "metalearner.safetensors").exists()
 
-    resumed_at = []
-    original_restore = MetaTrainLoop.restore
-
-    def restore(self: MetaTrainLoop, directory: Path) -> None:
-        original_restore(self, directory)
-        resumed_at.append(self.iteration)
-
-    monkeypatch.setattr(MetaTrainLoop, "restore", restore)
+    resumed_at = record_resumes(monkeypatch)
     result = runner.invoke(app, ["metatrain", *overrides])  # space freed
     assert result.exit_code == 0, result.output
     assert resumed_at == [2]
     folders = OUTPUTS["metatrain"]
     assert digests([artifacts / f for f in folders], artifacts) == digests([unbroken / f for f in folders], unbroken)
+
+
+def test_a_full_disk_while_writing_the_tensor_cache_names_the_file_and_leaves_no_partial_file(
+    fake_omniglot: Path, tmp_path: Path
+) -> None:
+    """The decoded-tensor cache is written by free.data.cache, not by a stage's own writer; the disk
+    fills up in the middle of it (after the data stage's start-up probe of the cache folder passed)."""
+    overrides = fake_overrides(fake_omniglot, tmp_path / "artifacts")
+    cfg = compose(overrides)
+    ds = cfg.dataset
+    cache_file = cache.cache_path(Path(cfg.paths.cache_dir), ds.name, Path(ds.root), ds.image_size)
+    planted = _full_at(cache_file)
+
+    result = runner.invoke(app, ["data", "build", *overrides])
+
+    _assert_storage_error(result, f"cannot write {cache_file}", "FREE_CACHE_DIR (paths.cache_dir)")
+    assert not planted.is_symlink() and not planted.exists()  # the failed temporary file is removed
+    assert sorted(p.name for p in cache_file.parent.iterdir()) == []  # no cache file, whole or partial
+    result = runner.invoke(app, ["data", "build", *overrides])  # space freed
+    assert result.exit_code == 0, result.output
+    assert cache.load(cache_file) is not None
 
 
 def test_a_library_write_on_a_full_disk_is_a_storage_error_not_a_traceback(tmp_path: Path) -> None:
@@ -181,15 +185,21 @@ def test_a_library_write_on_a_full_disk_is_a_storage_error_not_a_traceback(tmp_p
 
 
 def _can_mount_tmpfs(tmp_path: Path) -> str | None:
-    """``None`` if ``unshare -m`` can mount a tmpfs here, else why not."""
+    """``None`` if ``unshare -m`` can mount a tmpfs here, else why not (the skip reason)."""
     if shutil.which("unshare") is None:
-        return "no unshare command"
+        return "cannot mount a tmpfs: no `unshare` command (util-linux) on PATH"
     point = tmp_path / "mount-check"
     point.mkdir()
     check = subprocess.run(
         ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {point}"], capture_output=True, text=True
     )
-    return None if check.returncode == 0 else f"unshare -m cannot mount a tmpfs: {check.stderr.strip()}"
+    if check.returncode == 0:
+        return None
+    said = check.stderr.strip() or f"exit {check.returncode}"
+    return (
+        f"cannot mount a tmpfs in a private mount namespace (`unshare -m` + `mount -t tmpfs`: {said}): that "
+        "needs CAP_SYS_ADMIN (root, or a container that grants it); the /dev/full tests cover the same code paths"
+    )
 
 
 @pytest.mark.parametrize(
@@ -209,7 +219,7 @@ def test_a_full_or_read_only_tmpfs_as_artifacts_folder_fails_at_once(
     )
     # The folder exists, as after an earlier run; then the disk fills up or goes read-only.
     script = f'mount -t tmpfs -o size=256k tmpfs $DISK && mkdir -p $DISK/artifacts/teachers && {fault} && exec "$@"'
-    free_cmd = [sys.executable, "-m", "free", "teachers", *_overrides(fake_omniglot, disk / "artifacts")]
+    free_cmd = [sys.executable, "-m", "free", "teachers", *fake_overrides(fake_omniglot, disk / "artifacts")]
     result = subprocess.run(
         ["unshare", "-m", "sh", "-c", script, "sh", *free_cmd],
         cwd=REPO,

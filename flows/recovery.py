@@ -197,12 +197,7 @@ def stop_run_processes(flow_run_id: str, grace: float = 10.0) -> int:
     """Stop every process of :func:`run_processes` (SIGTERM, SIGKILL after ``grace`` s): all of the
     run's, not the group they share with the worker. Returns how many there were."""
     procs = run_processes(flow_run_id)
-    for proc in procs:
-        _quietly(proc.terminate)
-    _, left = psutil.wait_procs(procs, timeout=grace)
-    for proc in left:
-        _quietly(proc.kill)
-    psutil.wait_procs(left, timeout=5)
+    _terminate_then_kill(procs, grace)
     return len(procs)
 
 
@@ -211,13 +206,18 @@ def _stop_tree(proc: psutil.Process, grace: float) -> str:
         tree = [proc, *proc.children(recursive=True)]
     except psutil.Error:
         return "nothing: it ended meanwhile"
-    for p in tree:
-        _quietly(p.terminate)
-    _, left = psutil.wait_procs(tree, timeout=grace)
-    for p in left:
-        _quietly(p.kill)
-    psutil.wait_procs(left, timeout=5)
+    _terminate_then_kill(tree, grace)
     return f"process {proc.pid} and its {len(tree) - 1} descendants"
+
+
+def _terminate_then_kill(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM to each of ``procs``, SIGKILL to those still alive ``grace`` s later; waits for them."""
+    for proc in procs:
+        _quietly(proc.terminate)
+    _, left = psutil.wait_procs(procs, timeout=grace)
+    for proc in left:
+        _quietly(proc.kill)
+    psutil.wait_procs(left, timeout=5)
 
 
 def _alive(pid: int) -> bool:

@@ -8,10 +8,14 @@ and its failure names every place a credential showed up.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +123,74 @@ def use_built_venv(project: Path) -> None:
     if not stamp.is_file() or stamp.stat().st_mtime < newest:
         pytest.fail(f"{venv} is not set up for this checkout: run `make setup` (or `make test`) first")
     (project / ".venv").symlink_to(venv)
+
+
+# -- private stacks and the processes they start ------------------------------------------------------
+
+
+def fresh_project(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, Path]:
+    """``(root, project)``: a new folder for one module's stack (state, cache, logs) and a fresh copy of
+    the project from git in ``<root>/project``."""
+    from free.bench.pipeline import copy_project
+
+    root = tmp_path_factory.mktemp(name)
+    project = root / "project"
+    project.mkdir()
+    copy_project(Path(__file__).resolve().parents[1], project)
+    return root, project
+
+
+def free_port_settings(root: Path, project: Path, **settings: Any):
+    """:class:`free.stack.StackSettings` with its state in ``<root>/state`` and every service on free
+    loopback ports, so a test's stack never meets the user's or another test's; ``settings`` override."""
+    from free.stack import StackSettings, free_port_block
+
+    ports = {
+        "prefect_port": free_port_block(1),
+        "mlflow_port": free_port_block(1),
+        "s3_port": free_port_block(1),
+        "aux_port": free_port_block(9),  # SeaweedFS's master, volume, filer, ... ports
+    }
+    return StackSettings(**{"state_dir": root / "state", "project_dir": project, **ports, **settings})
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the live (non-zombie) processes of process group ``pgid``, read from ``/proc/<pid>/stat``
+    (not through psutil, which the code under test uses to find and stop groups)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]  # after "(comm)": may hold spaces
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        if int(group) == pgid and state != "Z":
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    """Poll ``check`` until it returns something true and return that; fail naming ``what`` after
+    ``timeout`` s. A readiness wait, not a speed check: give ``timeout`` room for busy cores."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """Stop a process started here with ``start_new_session`` and its whole process group: SIGTERM,
+    SIGKILL after 10 s, then wait until no process of the group is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    wait_until(f"process group {proc.pid} to end", lambda: not group_members(proc.pid), 10)

@@ -24,7 +24,8 @@ import psutil
 import pytest
 
 from free import stack
-from free.stack import HOST, free_port_block
+from free.stack import HOST
+from tests.helpers_stack import free_port_settings, group_members
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -34,16 +35,8 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x0
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("faults")
-    (root / "project").mkdir()
-    settings = stack.StackSettings(
-        state_dir=root / "state",
-        project_dir=root / "project",  # no .dvc/config there: `up` leaves DVC alone
-        mlflow_port=free_port_block(1),
-        s3_port=free_port_block(1),
-        aux_port=free_port_block(9),
-        prefect_port=free_port_block(1),
-        worker=False,
-    )
+    (root / "project").mkdir()  # no .dvc/config there: `up` leaves DVC alone
+    settings = free_port_settings(root, root / "project", worker=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FREE_S3_ACCESS_KEY_ID", "faults-test-key-id")
         mp.setenv("FREE_S3_SECRET_ACCESS_KEY", "faults-test-secret-0123456789")
@@ -52,18 +45,6 @@ def two(tmp_path_factory: pytest.TempPathFactory):
             yield settings
         finally:
             stack.down(settings, say=lambda line: None)
-
-
-def _group(pgid: int) -> list[int]:
-    """PIDs of the live (non-zombie) processes in process group ``pgid``, read from /proc."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc.pid)
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return found
 
 
 def _load_preflight():
@@ -191,7 +172,7 @@ def test_kill_9_of_the_leader_is_half_dead_and_up_restarts_it(two: stack.StackSe
     # What the issue saw: the leader gone, its group still serving MLflow on the port.
     half = stack.status(two)["services"]["mlflow"]
     assert half["state"] == "half-dead" and half["pid"] is None and half["pgid"] == pgid, half
-    assert half["members"] and set(half["members"]) <= set(_group(pgid)), half
+    assert half["members"] and set(half["members"]) <= set(group_members(pgid)), half
     shown = subprocess.run(
         [str(BIN / "free"), "stack", "status", "--state-dir", str(two.state_dir)],
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"},
@@ -212,7 +193,7 @@ def test_kill_9_of_the_leader_is_half_dead_and_up_restarts_it(two: stack.StackSe
     assert any("half-dead" in line and str(pgid) in line for line in lines), lines
     after = stack.status(two)["services"]["mlflow"]
     assert after["state"] == "healthy" and after["pid"] != leader, after
-    assert _group(pgid) == []  # the old group stopped, all of it
+    assert group_members(pgid) == []  # the old group stopped, all of it
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)
 
@@ -237,7 +218,7 @@ def test_down_stops_every_process_of_every_group(two: stack.StackSettings) -> No
     lines: list[str] = []
     stack.down(two, say=lines.append)
     for name, pgid in groups.items():
-        assert _group(pgid) == [], (name, lines)
+        assert group_members(pgid) == [], (name, lines)
         with pytest.raises(ProcessLookupError):
             os.killpg(pgid, 0)
     assert all(s["state"] == "down" for s in stack.status(two)["services"].values())
@@ -256,7 +237,7 @@ def test_down_kills_what_ignores_sigterm_and_half_dead_groups(tmp_path: Path) ->
         stdin=subprocess.PIPE, env={**os.environ, stack.TAG: tag}, start_new_session=True,
     )  # fmt: skip
     pgid = leader.pid
-    while len(_group(pgid)) < 2:
+    while len(group_members(pgid)) < 2:
         time.sleep(0.1)
     record = {"pid": leader.pid, "pgid": pgid, "tag": tag, "port": 1, "url": "-", "log": "-", "started": 0}
     stack._write_state(settings, {"services": {"worker": record}})
@@ -264,5 +245,5 @@ def test_down_kills_what_ignores_sigterm_and_half_dead_groups(tmp_path: Path) ->
     assert stack.status(settings)["services"]["worker"]["state"] == "half-dead"
     lines: list[str] = []
     stack.down(settings, say=lines.append, grace=1)
-    assert _group(pgid) == [], lines
+    assert group_members(pgid) == [], lines
     assert "half-dead" in lines[0] and f"process group {pgid}: 1 processes" in lines[0], lines

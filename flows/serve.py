@@ -14,7 +14,10 @@ is stopped, their MLflow runs end FAILED. While it serves, each flow run sends a
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from prefect.exceptions import TerminationSignal
@@ -26,6 +29,7 @@ from flows.promotion import promote_flow
 
 HEARTBEAT_SECONDS = 30  # Prefect's minimum
 ZOMBIE_AFTER_SECONDS = 90  # three heartbeats missed: slow but alive runs on a busy machine are spared
+API_WAIT_SECONDS = 180  # `free stack up` starts this process beside the Prefect server: wait for it
 
 
 def say(line: str) -> None:
@@ -51,7 +55,27 @@ def deployments() -> list:
     ]
 
 
+def wait_for_api(timeout: float = API_WAIT_SECONDS) -> None:
+    """Return once ``$PREFECT_API_URL/health`` answers (the stack starts the server and this process
+    together, so the imports above overlap the server's start); exit naming the URL if it never does."""
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        return  # a temporary server will be started by Prefect itself
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 (configured URL)
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the Prefect API at {url} (PREFECT_API_URL) did not answer within {timeout:.0f} s")
+        time.sleep(0.3)
+
+
 def main() -> None:
+    wait_for_api()
     try:
         recovery.reconcile(Path.cwd(), say=say)
     except Exception as err:  # noqa: BLE001 (cleaning up must not keep the worker from serving)

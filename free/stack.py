@@ -54,6 +54,10 @@ HOST = "127.0.0.1"
 DVC_REMOTE = "local-s3"
 EXTERNAL_ENV = "FREE_STACK_EXTERNAL"  # 1: S3 and MLflow are real clouds' (StackSettings.external)
 TAG = "FREE_STACK_SERVICE"  # in each service's environment: "<state dir>#<service>", inherited by its children
+# MLflow 3's server starts a job runner and five huey consumers (six more Python processes importing MLflow
+# at every start, beside the server) for its GenAI jobs (scorers, prompt optimisation), which this pipeline
+# never submits: off.
+MLFLOW_NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 class StackError(RuntimeError):
@@ -229,7 +233,8 @@ def services(settings: StackSettings) -> list[Service]:
                 [settings.s3_port, *range(a, a + 9)]),
         Service("mlflow", mlflow, settings.mlflow_port, f"{settings.mlflow_tracking_uri}/health",
                 settings.mlflow_tracking_uri, "mlflow", 120,
-                {**creds, "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url}, [settings.mlflow_port]),
+                {**creds, "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url, **MLFLOW_NO_JOBS},
+                [settings.mlflow_port]),
         Service("prefect", prefect, settings.prefect_port, f"{settings.prefect_api_url}/health",
                 f"http://{HOST}:{settings.prefect_port}", "prefect", 180, prefect_env, [settings.prefect_port]),
     ]  # fmt: skip
@@ -394,6 +399,7 @@ def up(settings: StackSettings, say: Callable[[str], None] = print, only: list[s
         settings.postgres_port = free_port_block(1)  # chosen once, recorded below, kept by later ups
     state.update(_urls(settings))
     state["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    starting: list[tuple[Service, subprocess.Popen, dict]] = []  # launched, not yet answering
     for service in services(settings):
         if only is not None and service.name not in only:
             continue
@@ -410,11 +416,15 @@ def up(settings: StackSettings, say: Callable[[str], None] = print, only: list[s
                 f"({len(members)} processes) to start it again")  # fmt: skip
             _stop_group(record, service.marker)
         _free_ports_or_fail(settings, state, service, say)
+        alongside = _starts_alongside(service)
+        if not alongside:  # it needs the ones launched before it answering
+            _await_all(settings, starting, say)
         if service.prepare:
             service.env.update(service.prepare())
-        _start(settings, state, service, say)
-        if service.ready:
-            service.ready()
+        starting.append(_launch(settings, state, service, say))
+        if not alongside:  # and the ones after it need it
+            _await_all(settings, starting, say)
+    _await_all(settings, starting, say)
     if not settings.external:  # external: the DVC remote is the user's (.dvc/config), keys from AWS_* / a profile
         configure_dvc_remote(settings)
     return status(settings)
@@ -463,7 +473,22 @@ def _name_of(pid: int) -> str:
         return "?"
 
 
-def _start(settings: StackSettings, state: dict, service: Service, say: Callable[[str], None]) -> None:
+# Launched together, then waited for together (on 2 cores `up` went from 46 s one after another to
+# about 25 s; docs/RESULTS.md, "The cost of orchestration"): none of these needs another one answering
+# to start, and the serve() worker waits for the Prefect API itself (flows/serve.py). Any other service
+# (PostgreSQL, whose databases MLflow and Prefect open at start; the pool worker, which deploys at
+# start) waits for those launched before it, and the ones after it wait for it.
+_ALONGSIDE = ("s3", "mlflow", "prefect")
+
+
+def _starts_alongside(service: Service) -> bool:
+    return service.name in _ALONGSIDE or service.argv[-1:] == ["flows.serve"]
+
+
+def _launch(
+    settings: StackSettings, state: dict, service: Service, say: Callable[[str], None]
+) -> tuple[Service, subprocess.Popen, dict]:
+    """Start ``service`` in its own session and record it in ``stack.json``; :func:`_await_all` waits for it."""
     log = settings.state_dir / "logs" / f"{service.name}.log"
     say(f"{service.name:8s} starting ... (log {log})")
     started = time.time()
@@ -490,19 +515,34 @@ def _start(settings: StackSettings, state: dict, service: Service, say: Callable
     }  # fmt: skip
     state["services"][service.name] = record
     _write_state(settings, state)
-    deadline = started + service.timeout
-    while not _healthy(service.health_url):
-        if proc.poll() is not None:
-            _stop_group(record, service.marker)  # helpers it may have left behind
-            raise StackError(f"{service.name} exited with code {proc.returncode}; end of {log}:\n{_log_tail(log)}")
-        if time.time() > deadline:
-            _stop_group(record, service.marker)
-            raise StackError(
-                f"{service.name} did not answer {service.health_url} within {service.timeout:.0f} s "
-                f"(stopped it); end of {log}:\n{_log_tail(log)}"
-            )
-        time.sleep(0.5)
-    say(f"{service.name:8s} up in {time.time() - started:.1f} s (pid {proc.pid}) {service.url}")
+    return service, proc, record
+
+
+def _await_all(
+    settings: StackSettings, starting: list[tuple[Service, subprocess.Popen, dict]], say: Callable[[str], None]
+) -> None:
+    """Wait until each launched service answers (in launch order), then run its ``ready``; empties
+    ``starting``. A service that exits or does not answer in time is stopped, group and all, and
+    raises; those already up stay up (``down`` stops them)."""
+    while starting:
+        service, proc, record = starting.pop(0)
+        log, deadline = Path(record["log"]), record["started"] + service.timeout
+        while not _healthy(service.health_url):
+            if proc.poll() is not None:
+                _stop_group(record, service.marker)  # helpers it may have left behind
+                raise StackError(
+                    f"{service.name} exited with code {proc.returncode}; end of {log}:\n{_log_tail(log)}"
+                )
+            if time.time() > deadline:
+                _stop_group(record, service.marker)
+                raise StackError(
+                    f"{service.name} did not answer {service.health_url} within {service.timeout:.0f} s "
+                    f"(stopped it); end of {log}:\n{_log_tail(log)}"
+                )
+            time.sleep(0.5)
+        say(f"{service.name:8s} up in {time.time() - record['started']:.1f} s (pid {proc.pid}) {service.url}")
+        if service.ready:
+            service.ready()
 
 
 def down(settings: StackSettings, say: Callable[[str], None] = print, grace: float = 20.0) -> None:

@@ -29,6 +29,10 @@ from flows.promotion import promote_flow
 
 HEARTBEAT_SECONDS = 30  # Prefect's minimum
 ZOMBIE_AFTER_SECONDS = 90  # three heartbeats missed: slow but alive runs on a busy machine are spared
+# How often the runner asks the server for runs to start. Prefect's default (10 s) was, on average, 5 s
+# of every deployment run spent waiting to be picked up; one query a second costs the server nothing
+# that shows. PREFECT_RUNNER_POLL_FREQUENCY, when set, wins.
+POLL_SECONDS = float(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", 1))
 API_WAIT_SECONDS = 180  # `free stack up` starts this process beside the Prefect server: wait for it
 
 
@@ -82,7 +86,9 @@ def main() -> None:
         say(f"reconciling the runs of a previous worker failed, serving anyway: {err!r}")
     # What prefect.serve() does, with heartbeats on and the deployments' ids for the automation.
     # limit=1: one pipeline at a time, they share the working tree and dvc.lock
-    runner = Runner(limit=1, heartbeat_seconds=HEARTBEAT_SECONDS, pause_on_shutdown=True)
+    runner = Runner(
+        limit=1, query_seconds=POLL_SECONDS, heartbeat_seconds=HEARTBEAT_SECONDS, pause_on_shutdown=True
+    )
     ids = [runner.add_deployment(deployment) for deployment in deployments()]
     try:
         recovery.ensure_zombie_automation(ids, ZOMBIE_AFTER_SECONDS, say=say)

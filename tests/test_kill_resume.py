@@ -14,8 +14,6 @@ the metatrain state, and between the commit and the folder swap (:meth:`MetaTrai
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -28,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from free.artifacts import read_json, remove_stale_tmp
-from free.config import compose
-from free.stages import data, metatrain, teachers
+from free.stages import metatrain
 from free.stages.metatrain import MetaTrainLoop
+from tests.helpers_stages import OUTPUTS, digests, fake_inputs, record_resumes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,15 +56,8 @@ SMALL = [
 ]
 
 COMMANDS = {"data": ["data", "build"], "teachers": ["teachers"], "metatrain": ["metatrain"], "metatest": ["metatest"]}
-OUTPUTS = {
-    "data": ["data"],
-    "teachers": ["teachers"],
-    "metatrain": ["metalearner", "generator", "taskcache"],
-    "metatest": ["metrics", "plots"],
-}
 # Output folders a stage reads, copied from the unbroken run (the tensor cache is shared, read-only).
 INPUTS = {"data": [], "teachers": ["data"], "metatrain": ["data", "teachers"], "metatest": ["data", "metalearner"]}
-TIMED_JSON = {"metalearner/curves.json", "generator/recovery.json"}  # wall-clock fields, run to run
 
 
 @dataclass(frozen=True)
@@ -146,28 +137,6 @@ def _run(stage: str, artifacts: Path, root: Path, cache: Path, kill: Kill | None
     return "finished"
 
 
-def _strip_timings(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {k: _strip_timings(v) for k, v in obj.items() if "seconds" not in k}
-    if isinstance(obj, list):
-        return [_strip_timings(v) for v in obj]
-    return obj
-
-
-def digests(folders: list[Path], base: Path) -> dict[str, str]:
-    """sha256 of every file under ``folders`` by path relative to ``base`` (timed JSON: without its timings)."""
-    result = {}
-    for folder in folders:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
-            name = path.relative_to(base).as_posix()
-            if name in TIMED_JSON:
-                content = json.dumps(_strip_timings(read_json(path)), sort_keys=True).encode()
-            else:
-                content = path.read_bytes()
-            result[name] = hashlib.sha256(content).hexdigest()
-    return result
-
-
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path) -> dict[str, object]:
     """The whole small pipeline run stage by stage without a kill, with each stage's wall time."""
@@ -215,36 +184,6 @@ def test_stage_killed_with_sigkill_at_several_points_reruns_to_the_unbroken_outp
 # ------------------------------------------------------------------ kills a poll may miss, pinned
 
 
-FAKE = [
-    "dataset.split.train=0.5",
-    "dataset.split.val=0.25",
-    "teachers.n_teachers=2",
-    "teachers.width=8",
-    "teachers.max_epochs=1",
-    "model.width=8",
-    "inversion.teachers_per_step=2",
-    "inversion.images_per_class=4",
-    "inversion.inner_steps=2",
-    "taskcache.slots=3",
-    "taskcache.images_per_slot=4",
-    "metalearn.k_shot=1",
-    "metalearn.q_query=3",
-    "metalearn.inner_steps=2",
-    "metalearn.iterations=6",
-    "metalearn.val_every=3",
-    "metalearn.val_episodes=2",
-    "metalearn.checkpoint_every=2",
-    "threads=1",
-]
-
-
-def _fake(root: Path, artifacts: Path):
-    cfg = compose([f"dataset.root={root}", f"paths.artifacts_dir={artifacts}", *FAKE])
-    data.run(cfg)
-    teachers.run(cfg)
-    return cfg
-
-
 class Killed(BaseException):
     """Stands for SIGKILL at an exact point: nothing after it runs, no ``except Exception`` catches it."""
 
@@ -255,8 +194,8 @@ def test_metatrain_killed_inside_a_checkpoint_resumes_to_the_same_artifacts(
 ) -> None:
     """Before the fix the bank was written in place before the state: a kill between the two resumed
     from the older state with the newer bank, and the run ended with other weights."""
-    metatrain.run(_fake(fake_omniglot, tmp_path / "unbroken"))
-    broken = _fake(fake_omniglot, tmp_path / "broken")
+    metatrain.run(fake_inputs(fake_omniglot, tmp_path / "unbroken"))
+    broken = fake_inputs(fake_omniglot, tmp_path / "broken")
     real_save = metatrain.save_tensors
     iteration = {"n": 0}
     original_step = MetaTrainLoop.step
@@ -282,14 +221,7 @@ def test_metatrain_killed_inside_a_checkpoint_resumes_to_the_same_artifacts(
     staged = read_json(state_dir / "bank.next" / "manifest.json")
     monkeypatch.setattr(metatrain, "save_tensors", real_save)
 
-    resumed_at = []
-    original_restore = MetaTrainLoop.restore
-
-    def restore(self: MetaTrainLoop, directory: Path) -> None:
-        original_restore(self, directory)
-        resumed_at.append(self.iteration)
-
-    monkeypatch.setattr(MetaTrainLoop, "restore", restore)
+    resumed_at = record_resumes(monkeypatch)
     metatrain.run(broken)
     assert resumed_at == ([2] if moment.startswith("bank staged") else [4])
     assert staged["teachers"]  # a real bank was staged

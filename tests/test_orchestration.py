@@ -27,7 +27,6 @@ import yaml
 
 from flows.pipeline import is_noise
 from free import stack
-from free.bench.pipeline import copy_project
 from free.stack import free_port_block
 from tests import helpers_stack
 
@@ -72,19 +71,10 @@ _use_built_venv = helpers_stack.use_built_venv
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
     """``make stack-up`` in a fresh copy, on free ports with a private state folder; stack down after."""
-    root = tmp_path_factory.mktemp("live")
-    project, cache = root / "project", root / "cache"
-    project.mkdir()
-    copy_project(REPO, project)
+    root, project = helpers_stack.fresh_project(tmp_path_factory, "live")
+    cache = root / "cache"
     _use_built_venv(project)
-    settings = stack.StackSettings(
-        state_dir=root / "state",
-        project_dir=project,
-        prefect_port=free_port_block(1),
-        mlflow_port=free_port_block(1),
-        s3_port=free_port_block(1),
-        aux_port=free_port_block(9),
-    )
+    settings = helpers_stack.free_port_settings(root, project)
     # What the test machine decides (ports, state, cache, which checkout); the data are the copy's own.
     machine = {
         "FREE_STATE_DIR": str(settings.state_dir),

@@ -1,13 +1,14 @@
-"""The local stack on its PostgreSQL backend (issue 14, item 2).
+"""The local stack on its PostgreSQL backend (issue 14, item 2), its worker a process worker (item 3).
 
-``free stack up --backend postgres`` in a fresh copy of the project, on free ports with a private state
-folder; then the tiny ``free/full-pipeline`` deployment (shortened by overrides: 2 teachers of 3 epochs,
-5 meta-iterations, 4 meta-test episodes). What it wrote is looked up where it must be: MLflow's runs,
-model version and alias and Prefect's flow run in PostgreSQL itself (psycopg2, the stored password),
-the artifacts in the S3 bucket; no SQLite file appears. The password is on no command line (sampled
-all along), in no log, run record or stack file; ``free stack down`` leaves no process. Last, restarts:
-``up`` without ``--backend`` keeps PostgreSQL and its data, and brings the server back after a ``kill -9``.
-Tests share the stack in file order.
+``free stack up --backend postgres --work-pool`` in a fresh copy of the project, on free ports with a
+private state folder: the worker makes pool ``free-local``, runs ``prefect deploy --all`` and becomes a
+``prefect worker``; then the tiny ``free/full-pipeline`` deployment runs on it (shortened by overrides:
+2 teachers of 3 epochs, 5 meta-iterations, 4 meta-test episodes). What it wrote is looked up where it
+must be: MLflow's runs, model version and alias and Prefect's flow run and work pool in PostgreSQL
+itself (psycopg2, the stored password), the artifacts in the S3 bucket; no SQLite file appears. The
+password is on no command line (sampled all along), in no log, run record or stack file; ``free stack
+down`` leaves no process. Last, restarts: ``up`` without ``--backend`` keeps PostgreSQL and its data,
+and brings the server back after a ``kill -9``. Tests share the stack in file order.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def pg(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
     cmdlines = CmdlineWatch()
     try:
         shell = Live(project, settings, env)
-        shell.run(str(BIN / "free"), "stack", "up", "--backend", "postgres", timeout=600)
+        shell.run(str(BIN / "free"), "stack", "up", "--backend", "postgres", "--work-pool", timeout=600)
         settings = stack.StackSettings.load(settings.state_dir)  # the port `up` chose for PostgreSQL
         yield PgLive(Live(project, settings, {**env, **stack.client_env(settings)}), cmdlines)
     finally:
@@ -198,6 +199,21 @@ def test_the_deployment_runs_and_its_records_are_in_postgres_and_s3(pg: PgLive, 
     )  # fmt: skip
     assert ("free", "COMPLETED") in flow_runs, flow_runs
     assert ("full-pipeline",) in _sql(pg.settings, "prefect", "SELECT name FROM deployment")
+    # Run by the stack's process worker (--work-pool), from prefect.yaml's deployments on pool free-local.
+    pools = _sql(
+        pg.settings, "prefect",
+        "SELECT d.name, wp.name, wp.type FROM deployment d JOIN work_queue wq ON wq.id = d.work_queue_id "
+        "JOIN work_pool wp ON wp.id = wq.work_pool_id",
+    )  # fmt: skip
+    assert {("full-pipeline", "free-local", "process"), ("smoke", "free-local", "process")} <= set(pools), pools
+    run_pools = _sql(
+        pg.settings, "prefect",
+        "SELECT wp.name FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
+        "JOIN work_pool wp ON wp.id = wq.work_pool_id WHERE fr.state_type = 'COMPLETED'",
+    )  # fmt: skip
+    assert ("free-local",) in run_pools, run_pools
+    worker = psutil.Process(json.loads(pg.free("stack", "status", "--json").stdout)["services"]["worker"]["pid"])
+    assert worker.cmdline()[-8:] == ["worker", "start", "--pool", "free-local", "--type", "process", "--limit", "1"]
     # Neither server made a SQLite store of its own.
     assert not list(pg.settings.state_dir.rglob("*.db")), list(pg.settings.state_dir.rglob("*.db"))
 

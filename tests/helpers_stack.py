@@ -114,6 +114,16 @@ def tracked_leaks(project: Path, secrets: Secrets) -> list[str]:
     return found
 
 
+def run_checked(
+    argv: tuple[str, ...], cwd: Path, env: dict[str, str], check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run a command as a user would in ``cwd``; with ``check``, fail naming it and its output's end."""
+    proc = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def use_built_venv(project: Path) -> None:
     """Give a project copy the virtual environment ``make setup`` built (as ``.venv``), and make sure its
     stamp is newer than the copy's install files, so ``make`` never reinstalls into it from the copy."""

@@ -65,12 +65,7 @@ class Cloud:
         self.run_seconds = 0.0
 
     def run(self, *argv: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            list(argv), cwd=self.project, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{argv} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        return proc
+        return helpers_stack.run_checked(argv, self.project, self.env, check, timeout)
 
     def mlflow(self):
         from mlflow import MlflowClient

@@ -98,7 +98,7 @@ class StackSettings:
         for key, value in {**recorded, **{k: v for k, v in given.items() if v is not None}}.items():
             if key != "state_dir" and hasattr(settings, key):
                 setattr(settings, key, Path(value) if key == "project_dir" else value)
-        if os.environ.get(EXTERNAL_ENV) is not None:  # chosen now: wins over the record
+        if given.get("external") is None and os.environ.get(EXTERNAL_ENV) is not None:  # wins over the record
             settings.external = os.environ[EXTERNAL_ENV] not in ("", "0")
         return settings
 

@@ -299,6 +299,10 @@ def test_external_stack_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert stack.StackSettings.load(tmp_path).external  # recorded: status/down in a new shell keep it
     monkeypatch.setenv(stack.EXTERNAL_ENV, "0")
     assert not stack.StackSettings.load(tmp_path).external  # chosen now: wins over the record
+    assert stack.StackSettings.load(tmp_path, external=True).external  # `up --external`: the flag wins
+    settings = stack.StackSettings(state_dir=tmp_path, project_dir=tmp_path, work_pool=True)
+    worker = next(s for s in stack.services(settings) if s.name == "worker")
+    assert worker.argv[1:] == ["-m", "flows.pool_worker"]  # `up --work-pool`
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -54,6 +54,15 @@ def stack_up(
         int | None, typer.Option(help="first of 9 more SeaweedFS ports; env FREE_S3_AUX_PORT; default 18334")
     ] = None,
     worker: Annotated[bool, typer.Option(help="Also serve the Prefect deployments (free/full-pipeline).")] = True,
+    external: Annotated[
+        bool | None,
+        typer.Option(
+            "--external/--local-services",
+            help="S3 and MLflow are real clouds' (docs/SERVICES.md, 'Pointing at real clouds'): start only "
+            "the Prefect server and the worker, which takes this shell's MLFLOW_TRACKING_URI and AWS settings. "
+            "Recorded; env FREE_STACK_EXTERNAL=1; default --local-services",
+        ),
+    ] = None,
     work_pool: Annotated[
         bool | None,
         typer.Option(
@@ -84,6 +93,7 @@ def stack_up(
         **ports,
         worker=worker,
         work_pool=work_pool,
+        external=external,
         backend=backend and backend.value,
         postgres_port=postgres_port,
     )

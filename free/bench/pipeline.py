@@ -68,6 +68,12 @@ def _timed_command(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -
     return seconds
 
 
+def _load(before: float) -> dict[str, list[float]]:
+    """The 1-minute load average before and after a front door's two runs: the cores are shared, and a
+    busy neighbour stretches one front door's time and not another's."""
+    return {"load_average": [round(before, 2), round(os.getloadavg()[0], 2)]}
+
+
 def _headline(project: Path) -> dict[str, Any]:
     metrics = read_json(project / "artifacts" / "metrics" / "metatest.json")
     return {k: v["acc"] for k, v in metrics.items() if isinstance(v, dict)}
@@ -99,9 +105,10 @@ def run(source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = 
     }
     for name, argv in commands.items():
         say(f"{name}: {' '.join(argv[-3:])} (first run, then no-op rerun)")
+        load = os.getloadavg()[0]
         first = _timed_command(argv, projects[name], env, logs / f"{name}.log")
         again = _timed_command(argv, projects[name], env, logs / f"{name}-rerun.log")
-        runs[name] = {"command": " ".join(argv), "seconds": first, "noop_seconds": again}
+        runs[name] = {"command": " ".join(argv), "seconds": first, "noop_seconds": again, **_load(load)}
 
     settings = stack.StackSettings(
         state_dir=work / "state",
@@ -121,9 +128,10 @@ def run(source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = 
         client = {**env, **stack.client_env(settings), "FREE_CONFIG_DIR": str(projects["prefect"] / "params")}
         argv = [str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch"]
         say("prefect: prefect deployment run free/full-pipeline --watch (first run, then no-op rerun)")
+        load = os.getloadavg()[0]
         first = _timed_command(argv, projects["prefect"], client, logs / "prefect.log")
         again = _timed_command(argv, projects["prefect"], client, logs / "prefect-rerun.log")
-        runs["prefect"] = {"command": " ".join(argv), "seconds": first, "noop_seconds": again}
+        runs["prefect"] = {"command": " ".join(argv), "seconds": first, "noop_seconds": again, **_load(load)}
     finally:
         stack.down(settings, say=lambda line: None)
         os.environ.clear()

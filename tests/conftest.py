@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,11 @@ def write_omniglot_archive(path: Path, alphabets: dict[str, int], drawers: int =
 def fake_omniglot(tmp_path: Path) -> Path:
     """Two small archives (with their SHA256SUMS) sharing the alphabet 'Greek' (deduplicated on load): 4 alphabets, 24
     distinct characters (Greek 6, Alpha 5, Beta 6, Gamma 7), 4 drawers each."""
-    root = tmp_path / "omniglot"
+    return write_fake_omniglot(tmp_path / "omniglot")
+
+
+def write_fake_omniglot(root: Path) -> Path:
+    """The archives of :func:`fake_omniglot` in the new folder ``root``."""
     root.mkdir()
     write_omniglot_archive(root / "images_background_small1.zip", {"Greek": 6, "Alpha": 5})
     write_omniglot_archive(root / "images_background_small2.zip", {"Greek": 6, "Beta": 6, "Gamma": 7})
@@ -81,3 +86,38 @@ def real_omniglot_root() -> Path:
     if os.environ.get("FREE_REQUIRE_DATA") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch's intra-op threads pinned to 1 for the test, then set back.
+
+    The in-process tests run models of a few thousand weights, where a second thread only adds
+    synchronisation: with two threads on 2 busy cores a Conv4-8 forward took 88 ms instead of 3 ms,
+    and test_evaluate.py 70 s instead of 14 s. It also makes a test's speed independent of the
+    thread count an earlier test (a stage with ``threads=2``) left in the pytest process.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fake_metatrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(archives, artifacts)``: a fake Omniglot and an unbroken run of ``tests.helpers_stages.FAKE``
+    through metatrain on it, built once per session for the tests that break a run and compare it with
+    the unbroken one (about 5 s each time). A shared reference: copy what a test writes to."""
+    from free.stages import metatrain
+    from tests.helpers_stages import fake_inputs
+
+    base = tmp_path_factory.mktemp("fake-metatrained")
+    root = write_fake_omniglot(base / "omniglot")
+    with pytest.MonkeyPatch.context() as env:  # session-scoped: no test's isolated cache exists yet
+        env.setenv("FREE_CACHE_DIR", str(base / "cache"))
+        metatrain.run(fake_inputs(root, base / "artifacts"))
+    return root, base / "artifacts"

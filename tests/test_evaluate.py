@@ -21,6 +21,9 @@ from free.evaluate import episode_accuracies, evaluate, metatest, query_logits, 
 from free.maml import split_state
 from free.models import build_classifier
 
+# Small models: one torch thread is faster than two and independent of earlier tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def learner(n_way: int = 5, width: int = 8, seed: int = 0, mean: float = 0.5, std: float = 0.5) -> torch.nn.Module:
     torch.manual_seed(seed)

@@ -31,6 +31,9 @@ from free.stages.metatrain import MetaTrainLoop
 from free.taskcache import MemoryBank
 from tests.helpers_stages import OUTPUTS, digests, fake_inputs, fake_overrides, record_resumes
 
+# Small models: one torch thread is faster than two and independent of earlier tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
@@ -103,16 +106,14 @@ def test_a_full_disk_while_training_teachers_keeps_the_finished_ones(
 
 
 def test_a_full_disk_at_a_metatrain_checkpoint_keeps_the_previous_one_and_resumes_from_it(
-    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_metatrained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unbroken = tmp_path / "unbroken"
-    metatrain.run(fake_inputs(fake_omniglot, unbroken))
-
+    root, unbroken = fake_metatrained  # the unbroken run (shared: only read)
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     for name in ("data", "teachers"):
         shutil.copytree(unbroken / name, artifacts / name)
-    overrides = fake_overrides(fake_omniglot, artifacts)
+    overrides = fake_overrides(root, artifacts)
     original_save = MetaTrainLoop.save_state
 
     def save_state(self: MetaTrainLoop, directory: Path) -> None:

@@ -26,9 +26,13 @@ from pathlib import Path
 import pytest
 
 from free.artifacts import read_json, remove_stale_tmp
+from free.config import compose
 from free.stages import metatrain
 from free.stages.metatrain import MetaTrainLoop
-from tests.helpers_stages import OUTPUTS, digests, fake_inputs, record_resumes
+from tests.helpers_stages import OUTPUTS, digests, fake_overrides, record_resumes
+
+# Small models: one torch thread is faster than two and independent of earlier tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,12 +194,15 @@ class Killed(BaseException):
 
 @pytest.mark.parametrize("moment", ["bank staged, state not written", "state written, folders not swapped"])
 def test_metatrain_killed_inside_a_checkpoint_resumes_to_the_same_artifacts(
-    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+    fake_metatrained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
 ) -> None:
     """Before the fix the bank was written in place before the state: a kill between the two resumed
     from the older state with the newer bank, and the run ended with other weights."""
-    metatrain.run(fake_inputs(fake_omniglot, tmp_path / "unbroken"))
-    broken = fake_inputs(fake_omniglot, tmp_path / "broken")
+    root, unbroken_root = fake_metatrained  # the unbroken run; its inputs copied for the broken one
+    broken_root = tmp_path / "broken"
+    for name in ("data", "teachers"):
+        shutil.copytree(unbroken_root / name, broken_root / name)
+    broken = compose(fake_overrides(root, broken_root))
     real_save = metatrain.save_tensors
     iteration = {"n": 0}
     original_step = MetaTrainLoop.step
@@ -225,7 +232,6 @@ def test_metatrain_killed_inside_a_checkpoint_resumes_to_the_same_artifacts(
     metatrain.run(broken)
     assert resumed_at == ([2] if moment.startswith("bank staged") else [4])
     assert staged["teachers"]  # a real bank was staged
-    unbroken_root, broken_root = tmp_path / "unbroken", tmp_path / "broken"
     expected = digests([unbroken_root / name for name in OUTPUTS["metatrain"]], unbroken_root)
     assert digests([broken_root / name for name in OUTPUTS["metatrain"]], broken_root) == expected
 

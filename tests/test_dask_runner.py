@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,14 +73,30 @@ def ok(done: subprocess.CompletedProcess) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, omniglot: Path, prefect_home: Path) -> Path:
+    """An artifacts folder after `free data build` (run once: the same for every test, about 4 s a run)."""
+    base = tmp_path_factory.mktemp("built")
+    with pytest.MonkeyPatch.context() as env:  # module-scoped: no test's isolated cache exists yet
+        env.setenv("FREE_CACHE_DIR", str(base / "cache"))
+        ok(free("data build", base / "artifacts", omniglot, prefect_home))
+    return base / "artifacts"
+
+
+def with_data(built: Path, artifacts: Path) -> Path:
+    """``artifacts`` with the data stage's output copied in, as if `free data build` had run there."""
+    shutil.copytree(built / "data", artifacts / "data")
+    return artifacts
+
+
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_dask_teachers_are_byte_identical_to_local(tmp_path: Path, omniglot: Path, prefect_home: Path) -> None:
-    local, dask = tmp_path / "local", tmp_path / "dask"
-    for artifacts in (local, dask):
-        ok(free("data build", artifacts, omniglot, prefect_home))
+def test_dask_teachers_are_byte_identical_to_local(
+    tmp_path: Path, omniglot: Path, prefect_home: Path, built: Path
+) -> None:
+    local, dask = with_data(built, tmp_path / "local"), with_data(built, tmp_path / "dask")
     ok(free("teachers", local, omniglot, prefect_home))
     output = ok(free("teachers", dask, omniglot, prefect_home, *DASK))
 
@@ -92,14 +109,15 @@ def test_dask_teachers_are_byte_identical_to_local(tmp_path: Path, omniglot: Pat
     assert '"reused": 3' in again and "Task run" not in again
 
 
-def test_metatest_shards_give_the_same_metrics_as_the_loop(tmp_path: Path, omniglot: Path, prefect_home: Path) -> None:
-    local, dask = tmp_path / "local", tmp_path / "dask"
+def test_metatest_shards_give_the_same_metrics_as_the_loop(
+    tmp_path: Path, omniglot: Path, prefect_home: Path, built: Path
+) -> None:
+    local, dask = with_data(built, tmp_path / "local"), with_data(built, tmp_path / "dask")
     # A meta-learner as metatrain writes it (Conv4, batch-statistics BatchNorm), at a fixed random init.
     meta = classifier_meta("conv4", 1, 5, 28, 8, [0.5], [0.5], False)
     model = build_classifier("conv4", 1, 5, 28, 8, [0.5], [0.5], track_running_stats=False)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     for artifacts in (local, dask):
-        ok(free("data build", artifacts, omniglot, prefect_home))
         (artifacts / "metalearner").mkdir()
         save_classifier(artifacts / "metalearner" / "metalearner.safetensors", state, meta)
     ok(free("metatest", local, omniglot, prefect_home))
@@ -112,9 +130,10 @@ def test_metatest_shards_give_the_same_metrics_as_the_loop(tmp_path: Path, omnig
         assert (dask / "metrics" / name).read_bytes() == (local / "metrics" / name).read_bytes()
 
 
-def test_a_failed_teacher_task_is_named_and_fails_the_stage(tmp_path: Path, omniglot: Path, prefect_home: Path) -> None:
-    artifacts = tmp_path / "art"
-    ok(free("data build", artifacts, omniglot, prefect_home))
+def test_a_failed_teacher_task_is_named_and_fails_the_stage(
+    tmp_path: Path, omniglot: Path, prefect_home: Path, built: Path
+) -> None:
+    artifacts = with_data(built, tmp_path / "art")
     # A real fault: a folder where teacher 1's weights must go, so only that task cannot write its file.
     (artifacts / "teachers" / "teacher_001.safetensors").mkdir(parents=True)
     done = free("teachers", artifacts, omniglot, prefect_home, *DASK)

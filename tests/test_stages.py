@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ from free.artifacts import read_json
 from free.config import compose
 from free.stages import data, metatest, metatrain, teachers
 from free.stages.metatrain import MetaTrainLoop
+from tests.conftest import write_fake_omniglot
+
+# Small models: one torch thread is faster than two and independent of earlier tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A small but complete setup on the fake Omniglot (24 classes x 4 images): 12 / 6 / 6 classes.
 FAKE = [
@@ -21,13 +26,13 @@ FAKE = [
     "teachers.max_epochs=2",
     "model.width=8",
     "inversion.teachers_per_step=2",
-    "inversion.images_per_class=4",
+    "inversion.images_per_class=2",
     "inversion.scratch_steps=3",
     "inversion.adv_warmup=2",
     "taskcache.slots=3",
-    "taskcache.images_per_slot=4",
+    "taskcache.images_per_slot=2",
     "metalearn.k_shot=1",
-    "metalearn.q_query=3",
+    "metalearn.q_query=1",
     "metalearn.iterations=6",
     "metalearn.val_every=3",
     "metalearn.val_episodes=4",
@@ -69,6 +74,20 @@ def outputs_without_timings(artifacts: Path) -> dict[str, object]:
     return result
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(archives, artifacts)``: the default :data:`FAKE` setup run through metatrain once for the tests
+    that only read it or copy it (it is the unbroken run of the first-order resume test too)."""
+    base = tmp_path_factory.mktemp("trained")
+    root = write_fake_omniglot(base / "omniglot")
+    with pytest.MonkeyPatch.context() as env:  # module-scoped: no test's isolated cache exists yet
+        env.setenv("FREE_CACHE_DIR", str(base / "cache"))
+        cfg = fake_config(root, base / "artifacts")
+        prepare(cfg)
+        metatrain.run(cfg)
+    return root, base / "artifacts"
+
+
 # The authors' update, small enough for a test (its Adam state must survive a resume as well).
 OFFICIAL = [
     "metalearn.update=official",
@@ -80,13 +99,16 @@ OFFICIAL = [
 
 @pytest.mark.parametrize("update", [[], OFFICIAL], ids=["first_order", "official"])
 def test_metatrain_resumes_after_a_kill_with_the_same_artifacts(
-    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, update: list[str]
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, update: list[str]
 ) -> None:
-    unbroken = fake_config(fake_omniglot, tmp_path / "unbroken", *update)
-    prepare(unbroken)
-    metatrain.run(unbroken)
+    root, unbroken_root = trained
+    if update:  # another setup: its own unbroken run
+        unbroken_root = tmp_path / "unbroken"
+        unbroken = fake_config(root, unbroken_root, *update)
+        prepare(unbroken)
+        metatrain.run(unbroken)
 
-    broken = fake_config(fake_omniglot, tmp_path / "broken", *update)
+    broken = fake_config(root, tmp_path / "broken", *update)
     prepare(broken)
     original_step = MetaTrainLoop.step
 
@@ -109,7 +131,7 @@ def test_metatrain_resumes_after_a_kill_with_the_same_artifacts(
     )
     metatrain.run(broken)
     assert resumed_from == [4]
-    assert outputs_without_timings(tmp_path / "broken") == outputs_without_timings(tmp_path / "unbroken")
+    assert outputs_without_timings(tmp_path / "broken") == outputs_without_timings(unbroken_root)
     assert not list((tmp_path / "broken" / ".state").glob("metatrain-*"))  # state removed when done
 
 
@@ -156,10 +178,11 @@ def test_metatrain_resumes_after_incremental_checkpoints_that_skipped_unchanged_
 
 
 def test_finished_stages_do_nothing_and_changes_rerun(
-    fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = fake_config(fake_omniglot, tmp_path)
-    prepare(cfg)
+    root, done = trained
+    shutil.copytree(done, tmp_path, dirs_exist_ok=True)  # a finished run (copied: this test adds to it)
+    cfg = fake_config(root, tmp_path)
     metatrain.run(cfg)
     metatest.run(cfg)
 
@@ -172,19 +195,22 @@ def test_finished_stages_do_nothing_and_changes_rerun(
     monkeypatch.setattr(MetaTrainLoop, "step", step)
     metatrain.run(cfg)  # same inputs: returns without a single meta-iteration
     with pytest.raises(Trained):  # a changed parameter trains again
-        metatrain.run(fake_config(fake_omniglot, tmp_path, "metalearn.iterations=7"))
+        metatrain.run(fake_config(root, tmp_path, "metalearn.iterations=7"))
 
 
 @pytest.mark.parametrize(
     "method",
     ["free", "free_noalign", "scratch", "pixels", "random_init", "oracle", "free+official", "free_noalign+official"],
 )
-def test_every_method_runs_through_the_same_stages(fake_omniglot: Path, tmp_path: Path, method: str) -> None:
+def test_every_method_runs_through_the_same_stages(trained: tuple[Path, Path], tmp_path: Path, method: str) -> None:
     method, _, update = method.partition("+")
     extra = ["metalearn.iterations=0"] if method == "random_init" else []
     extra += OFFICIAL if update == "official" else []
-    cfg = fake_config(fake_omniglot, tmp_path, f"method={method}", *extra)
-    prepare(cfg)
+    root, done = trained
+    for name in ("data", "teachers"):  # the methods differ from metatrain on: the same zoo for all
+        shutil.copytree(done / name, tmp_path / name)
+    cfg = fake_config(root, tmp_path, f"method={method}", *extra)
+    prepare(cfg)  # finds both stages done
     summary = metatrain.run(cfg)
     assert summary["iterations"] == (0 if method == "random_init" else 6)
     card = read_json(tmp_path / "metalearner" / "card.json")
@@ -193,15 +219,13 @@ def test_every_method_runs_through_the_same_stages(fake_omniglot: Path, tmp_path
     assert set(result) >= {"5way_1shot", "episodes"} and 0 <= result["5way_1shot"]["acc"] <= 1
 
 
-def test_no_meta_test_class_reaches_training(fake_omniglot: Path, tmp_path: Path) -> None:
-    cfg = fake_config(fake_omniglot, tmp_path)
-    prepare(cfg)
-    metatrain.run(cfg)
-    classes = read_json(tmp_path / "data" / "splits.json")["classes"]
+def test_no_meta_test_class_reaches_training(trained: tuple[Path, Path]) -> None:
+    _, artifacts = trained
+    classes = read_json(artifacts / "data" / "splits.json")["classes"]
     held_out = set(classes["val"]) | set(classes["test"])
-    zoo = read_json(tmp_path / "teachers" / "zoo.json")["teachers"]
+    zoo = read_json(artifacts / "teachers" / "zoo.json")["teachers"]
     assert all(not set(card["class_names"]) & held_out for card in zoo)
-    bank = read_json(tmp_path / "taskcache" / "manifest.json")
+    bank = read_json(artifacts / "taskcache" / "manifest.json")
     banked = {name for teacher in bank["teachers"] for name in teacher["class_names"]}
     assert banked and not banked & held_out and banked <= set(classes["train"])
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import replace
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +15,9 @@ from free.maml import adapt, logits, split_state
 from free.metalearn import MetaSettings, aligned_or_averaged, distillation_loss, meta_gradient, meta_update
 from free.models import build_classifier
 from free.taskcache import MemoryBank
+
+# Small models: one torch thread is faster than two and independent of earlier tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def quadratic(a: torch.Tensor, c: torch.Tensor):

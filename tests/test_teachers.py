@@ -20,15 +20,9 @@ from free.data.base import sha256_file
 from free.models import build_classifier
 from free.teachers import LOSS_MIN_DELTA, evaluate, holdout_split, sample_class_subsets, train_teacher
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and a 2-thread OpenMP pool slows down
-    ~100x when another process holds one of the 2 cores (parallel test runs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# These models are tiny: one intra-op thread is as fast, and a 2-thread OpenMP pool slows down
+# ~100x when another process holds one of the 2 cores (parallel test runs). See conftest.py.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------ core

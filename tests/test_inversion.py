@@ -26,6 +26,9 @@ from free.inversion import (
 from free.maml import logits, split_state
 from free.models import Generator, build_classifier
 
+# Small models: one torch thread is faster than two and independent of earlier tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def tiny_teacher(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -265,7 +268,12 @@ def family_teacher(seed: int) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def teacher_family() -> list[nn.Module]:
-    return [family_teacher(seed) for seed in range(5)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_torch_thread does for the tests: module fixtures are set up before it
+    try:
+        return [family_teacher(seed) for seed in range(5)]
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("rule", ["gradient", "reptile"])

@@ -45,8 +45,8 @@ def test_short_load_has_no_errors_no_mismatches_and_stops_the_server() -> None:
 
 
 def test_concurrent_answers_match_and_the_checks_can_fail(tmp_path: Path) -> None:
-    """The CI-sized load test (one server, ~2 s per phase): concurrent clients get exactly the answers
-    the requests get alone, with no error; then, as fault injection the server cannot produce by
+    """The CI-sized load test (one server, 2 s of good load, 0.5 s per fault): concurrent clients get exactly
+    the answers the requests get alone, with no error; then, as fault injection the server cannot produce by
     itself, references rotated by one must all count as mismatches and bodies the server refuses as
     errors; the server's process group is gone afterwards. The full run is `free bench serve-load`."""
     import http.client
@@ -59,9 +59,11 @@ def test_concurrent_answers_match_and_the_checks_can_fail(tmp_path: Path) -> Non
         short = serve_load.ServeLoadBench(**{**SMALL.__dict__, "seconds": 2.0})
         good = serve_load._load(port, bodies, answers, short, server.pid)
         assert len(good["latencies"]) > 0 and good["errors"] == 0 and good["mismatches"] == 0
-        wrong = serve_load._load(port, bodies, answers[1:] + answers[:1], short, server.pid)
+        # The injected faults show in every request: a few requests each are enough.
+        brief = serve_load.ServeLoadBench(**{**SMALL.__dict__, "seconds": 0.5})
+        wrong = serve_load._load(port, bodies, answers[1:] + answers[:1], brief, server.pid)
         assert wrong["mismatches"] == len(wrong["latencies"]) > 0 and wrong["errors"] == 0
-        refused = serve_load._load(port, [b"[" + b[1:] for b in bodies], answers, short, server.pid)
+        refused = serve_load._load(port, [b"[" + b[1:] for b in bodies], answers, brief, server.pid)
         assert refused["errors"] > 0 and refused["latencies"] == []
     finally:
         assert serve_load.stop_server(server)

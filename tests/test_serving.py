@@ -36,6 +36,9 @@ from free.serving import (
     signature,
 )
 
+# Small models: one torch thread is faster than two and independent of earlier tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BIN = Path(sys.executable).parent
 STEPS, LR = 3, 0.1
 META = {"arch": "conv4", "channels": 1, "n_classes": 5, "image_size": 28, "width": 8, "mean": [0.5], "std": [0.5],

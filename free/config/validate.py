@@ -11,8 +11,12 @@ from __future__ import annotations
 import re
 
 from free.config.schema import Config
-from free.data import DATASET_NAMES, NATIVE_CHANNELS
-from free.models import CLASSIFIER_ARCHS
+from free.data import DATASET_NAMES, NATIVE_CHANNELS  # constants of the package: no torch import
+
+# free.models.CLASSIFIER_ARCHS, written out: importing free.models imports torch (~2 s), which a process
+# that only composes and validates configs (the Prefect flow run, `free config`) never needs otherwise.
+# Keep the two equal when adding a backbone to free/models/registry.py.
+CLASSIFIER_ARCHS = ("conv4", "resnet10", "resnet12", "resnet18")
 
 
 class ConfigError(ValueError):

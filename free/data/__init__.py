@@ -10,20 +10,46 @@ Pipeline code passes a typed :class:`~free.config.schema.DatasetConfig` to :func
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from free.data import cache
-from free.data.base import SPLITS, DatasetIntegrityError, DatasetNotFoundError, Progress, RawDataset
-from free.data.episodes import Episode, EpisodeSampler
-from free.data.splits import FewShotSplit, assign_splits, build_splits, split_manifest, split_summary
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from free.config.schema import DatasetConfig
+    from free.data.base import Progress, RawDataset
+    from free.data.splits import FewShotSplit
 
 DATASET_NAMES = ("omniglot", "cifar_fs", "mini_imagenet", "cub")
 NATIVE_CHANNELS = {"omniglot": 1, "cifar_fs": 3, "mini_imagenet": 3, "cub": 3}
+
+# The names below live in submodules that import torch. They are imported on first use (PEP 562), so
+# that `free.config` (which validates against DATASET_NAMES) and the flow-run process that only
+# composes and validates a config do not pay torch's ~2 s import; `from free.data import X` is unchanged.
+_LAZY = {
+    "cache": "free.data.cache",
+    "SPLITS": "free.data.base",
+    "DatasetIntegrityError": "free.data.base",
+    "DatasetNotFoundError": "free.data.base",
+    "Progress": "free.data.base",
+    "RawDataset": "free.data.base",
+    "Episode": "free.data.episodes",
+    "EpisodeSampler": "free.data.episodes",
+    "FewShotSplit": "free.data.splits",
+    "assign_splits": "free.data.splits",
+    "build_splits": "free.data.splits",
+    "split_manifest": "free.data.splits",
+    "split_summary": "free.data.splits",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'free.data' has no attribute {name!r}")
+    value = importlib.import_module(module) if name == "cache" else getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
 
 
 def read_dataset(cfg: DatasetConfig, progress: Progress | None = None) -> RawDataset:
@@ -56,6 +82,8 @@ def load_dataset(
     Returns:
         ``(raw, cache_file, from_cache)``.
     """
+    from free.data import cache
+
     path = cache.cache_path(Path(cache_dir), cfg.name, Path(cfg.root), cfg.image_size)
     raw = None if rebuild else cache.load(path)
     if raw is not None:
@@ -67,12 +95,16 @@ def load_dataset(
 
 def load_splits(cfg: DatasetConfig, cache_dir: str | Path, progress: Progress | None = None) -> dict[str, FewShotSplit]:
     """The three class-disjoint splits of the configured data set."""
+    from free.data.splits import build_splits
+
     raw, _, _ = load_dataset(cfg, cache_dir, progress=progress)
     return build_splits(raw, cfg.split.train, cfg.split.val, cfg.split_seed, cfg.rotations)
 
 
 def load_split(split: str = "test", overrides: Sequence[str] = ()) -> FewShotSplit:
     """One split of the data set that ``params/`` (with Hydra ``overrides``) configures."""
+    from free.data.base import SPLITS
+
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     from free.config import compose

@@ -269,17 +269,39 @@ def push_outputs(project: Path) -> str:
 
 @task(cache_policy=NO_CACHE)  # registry: MLflow's bounded retries, as above
 def register(parent_id: str, project: Path, cfg: Config, metrics: dict, lineage: dict[str, str]) -> dict:
-    """Log the pyfunc model, register a version, tag it with its metrics and lineage, alias challenger."""
-    name, version = tracking.log_model(parent_id, project, cfg, metrics)
+    """Log the pyfunc model, register a version, tag it with its metrics and lineage, alias challenger;
+    unless the challenger already holds the same model (:func:`flows.tracking.model_digest`): then
+    nothing is logged (3-5 s of a no-op rerun) and the parent run is tagged with that version."""
+    digest = tracking.model_digest(project, cfg, metrics)
     client = tracking.client(cfg)
+    same = tracking.challenger_with_digest(cfg, digest)
+    if same is not None:
+        name = cfg.tracking.registered_model
+        _say_model(f"unchanged: challenger stays version {same} (same outputs)")
+        unchanged = {"model.name": name, "model.version": same, "model.unchanged": "true"}
+        for key, value in unchanged.items():
+            client.set_tag(parent_id, key, value)
+        return {"name": name, "version": same, "unchanged": True}
+    name, version = tracking.log_model(parent_id, project, cfg, metrics)
+    for key, value in {"model.name": name, "model.version": version}.items():
+        client.set_tag(parent_id, key, value)
     tags = {**lineage, "mlflow.run_id": parent_id, "evaluate.episodes": str(metrics.get("episodes"))}
+    tags[tracking.MODEL_DIGEST_TAG] = digest
     for setting, value in metrics.items():
         if isinstance(value, dict):
             tags[f"metatest.{setting}.acc"], tags[f"metatest.{setting}.ci95"] = str(value["acc"]), str(value["ci95"])
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, "challenger", version)
-    return {"name": name, "version": version}
+    _say_model(f"registered: challenger is version {version}")
+    return {"name": name, "version": version, "unchanged": False}
+
+
+def _say_model(text: str) -> None:
+    """The registration's outcome in the log and, in a flow run, as a ``free.model`` event (a line of ``--watch``)."""
+    _logger().info("%s", text)
+    if FlowRunContext.get():
+        _announce("free.model", "free.model", text)
 
 
 # The hooks let a later worker clean up after a dead one (flows/recovery.py): on_running records the run's
@@ -438,5 +460,6 @@ def _report(
     ]
     if model:
         link = f"{uri}/#/models/{model['name']}/versions/{model['version']}"
-        lines.append(f"- Registered model: [{model['name']} v{model['version']}]({link}), alias `challenger`")
+        same = " (unchanged: same outputs, nothing new registered)" if model.get("unchanged") else ""
+        lines.append(f"- Registered model: [{model['name']} v{model['version']}]({link}), alias `challenger`{same}")
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from free.config import Config
 
@@ -254,6 +255,45 @@ def model_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
+
+
+# Model version tag: the hash of what a registered version holds (:func:`model_digest`). A run whose
+# model would hash the same as the challenger's registers nothing new (flows.pipeline.register).
+MODEL_DIGEST_TAG = "model.content_sha256"
+
+
+def model_digest(project: Path, cfg: Config, metrics: dict) -> str:
+    """sha256 of everything a registered version is made of: the meta-learner's weights, the serving
+    card's settings and meta-test metrics, the input example's way, the serving code and the pinned
+    requirements. Reads files only (no torch): a no-op rerun asks this before deciding to log anything."""
+    import free
+
+    package = Path(free.__file__).parent
+    weights = project / cfg.paths.artifacts_dir / "metalearner" / "metalearner.safetensors"
+    settings = {
+        "test_inner_steps": cfg.evaluate.inner_steps,
+        "inner_lr": cfg.metalearn.inner_lr,
+        "n_way": cfg.evaluate.n_way,
+        "metatest": metrics,
+        "requirements": model_requirements(),
+    }
+    digest = hashlib.sha256()
+    for part in (weights, package / "serving_model.py", package / "serving.py"):
+        digest.update(sha256_bytes(part.read_bytes()).encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def challenger_with_digest(cfg: Config, digest: str) -> str | None:
+    """The version that holds alias ``challenger`` if its :data:`MODEL_DIGEST_TAG` is ``digest``, else
+    None (also when the model or the alias does not exist yet; other errors are raised)."""
+    try:
+        version = client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, "challenger")
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model / no alias
+            return None
+        raise
+    return str(version.version) if version.tags.get(MODEL_DIGEST_TAG) == digest else None
 
 
 def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tuple[str, str]:

@@ -222,6 +222,26 @@ def test_deployment_runs_the_tiny_pipeline_and_registers_a_challenger(live: Live
     assert parent.data.metrics["acc_5way_5shot"] == pytest.approx(metrics["5way_5shot"]["acc"])
 
 
+def test_a_noop_rerun_keeps_the_challenger_version(live: Live, pipeline_run) -> None:
+    client = live.client()
+    version = client.get_model_version_by_alias(MODEL, "challenger").version
+    versions = {v.version for v in client.search_model_versions(f"name = '{MODEL}'")}
+    started = time.monotonic()
+    rerun = live.run(str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch")
+    print(f"no-op rerun through the deployment: {time.monotonic() - started:.1f} s")
+    assert [lines[0] for lines in _stage_lines(rerun.stdout).values()] == [
+        f"stage {s}: skipped (up to date)" for s in STAGES
+    ], rerun.stdout
+    assert f"free.model * unchanged: challenger stays version {version} (same outputs)" in _flat(rerun.stdout)
+    # Same outputs: no new version, the alias stays; the rerun's parent run names the version it kept.
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == version
+    assert {v.version for v in client.search_model_versions(f"name = '{MODEL}'")} == versions
+    experiment = client.get_experiment_by_name("free")
+    newest = client.search_runs([experiment.experiment_id], "tags.`model.unchanged` = 'true'")
+    assert newest and newest[0].info.status == "FINISHED", newest
+    assert newest[0].data.tags["model.version"] == version
+
+
 def test_dvc_repro_after_the_flow_runs_nothing(live: Live, pipeline_run) -> None:
     lock = (live.project / "dvc.lock").read_text()
     proc = live.run(str(BIN / "dvc"), "repro")
@@ -411,6 +431,7 @@ def test_failed_flow_keeps_earlier_stages_and_a_rerun_resumes(live: Live, pipeli
     assert [a.path for a in client.list_artifacts(failed_stage[0].info.run_id, "logs")] == ["logs/metatest.log"]
 
     # Rerun with another override: resumes (only metatest, which reads it, runs), and leaves git clean.
+    versions_before = [v.version for v in client.search_model_versions(f"name = '{MODEL}'")]
     rerun = live.run(
         prefect, "deployment", "run", "free/full-pipeline", "-p", 'overrides=["evaluate.episodes=12"]', "--watch"
     )
@@ -421,7 +442,11 @@ def test_failed_flow_keeps_earlier_stages_and_a_rerun_resumes(live: Live, pipeli
     assert re.fullmatch(r"stage metatest: ran in \d+\.\d s", shown["metatest"]), rerun.stdout
     changed, untracked = _git_changes(live.project)
     assert changed == [] and untracked <= RUN_RESULTS, (changed, untracked)
-    parent = client.get_model_version_by_alias(MODEL, "challenger").tags["mlflow.run_id"]
+    # Other meta-test metrics, so another model: a new version (the flow registers only a changed one).
+    challenger = client.get_model_version_by_alias(MODEL, "challenger")
+    assert int(challenger.version) == max(int(v) for v in versions_before) + 1, (challenger.version, versions_before)
+    assert f"registered: challenger is version {challenger.version}" in _flat(rerun.stdout)
+    parent = challenger.tags["mlflow.run_id"]
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     ran = {r.info.run_name: r.data.tags["stage.ran"] for r in children}
     assert [ran["data"], ran["teachers"], ran["metatrain"], ran["metatest"]] == ["False", "False", "False", "True"]

@@ -43,8 +43,8 @@ def register(
         out.print(f"preflight: {line}", highlight=False)
     model = result["model"]
     pushed = "; outputs pushed to the DVC remote" if result["pushed"] else ""
-    out.print(
-        f"{model['name']} v{model['version']}: alias challenger; MLflow run {result['mlflow_run_id']} "
-        f"(a nested run per stage){pushed}",
-        highlight=False,
-    )
+    if model.get("unchanged"):  # the challenger holds this very model: no new version (flows.pipeline.register)
+        said = f"unchanged: challenger stays version {model['version']} (same outputs)"
+    else:
+        said = f"{model['name']} v{model['version']}: alias challenger"
+    out.print(f"{said}; MLflow run {result['mlflow_run_id']} (a nested run per stage){pushed}", highlight=False)

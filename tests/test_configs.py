@@ -151,3 +151,18 @@ def test_missing_config_dir_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("FREE_CONFIG_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match="FREE_CONFIG_DIR"):
         compose([])
+
+
+def test_the_validator_knows_every_backbone_and_the_flow_path_imports_no_torch() -> None:
+    import importlib
+    import subprocess
+    import sys
+
+    import free.models
+
+    validator = importlib.import_module("free.config.validate")  # free.config.validate is also a function's name
+    # Written out in the validator so that reading a config needs no torch (free/config/validate.py).
+    assert set(validator.CLASSIFIER_ARCHS) == set(free.models.CLASSIFIER_ARCHS)
+    probe = "import sys, flows.pipeline; print('torch' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"  # the flow-run process imports torch only if a stage runs in it

@@ -12,9 +12,9 @@ params.yaml, tracked files, MLflow params/tags/artifacts, Prefect parameters/log
 DVC's push and MLflow's artifacts are in the cloud's bucket; and its ``runner=dask`` teachers and
 ``metatest.json`` are the bytes the stage commands make with ``runner=local``.
 
-Slow (``-m slow``): the stack and the deployment take about 4 minutes on 2 shared cores (measured 3:53,
-of which the deployment run 130-156 s and the stack 27-48 s); the config, preflight and stack-settings
-tests at the end run by default, in seconds.
+In the default run (issue 14 asks for this check in CI): the stack and the deployment took about 4
+minutes on 2 shared cores when written (3:53, of which the deployment run 130-156 s and the stack 27-48 s,
+before the orchestration cuts); the config, preflight and stack-settings tests at the end take seconds.
 """
 
 from __future__ import annotations
@@ -168,7 +168,6 @@ def deployment_run(cloud: Cloud) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.slow  # the module's stack and deployment run: about 4 minutes on 2 busy cores
 def test_the_stack_runs_only_prefect_and_the_worker(cloud: Cloud) -> None:
     report = json.loads(cloud.run(str(BIN / "free"), "stack", "status", "--json").stdout)
     assert sorted(report["services"]) == ["prefect", "worker"]
@@ -178,7 +177,6 @@ def test_the_stack_runs_only_prefect_and_the_worker(cloud: Cloud) -> None:
     assert "AWS_" not in exported and "MLFLOW_" not in exported, exported  # the user's own settings stay
 
 
-@pytest.mark.slow  # the module's stack and deployment run: about 4 minutes on 2 busy cores
 def test_deployment_pushes_and_tracks_into_the_cloud(cloud: Cloud, deployment_run) -> None:
     assert "Completed" in deployment_run.stdout, deployment_run.stdout[-3000:]
     watched = " ".join(deployment_run.stdout.split())  # rich wraps the watched lines
@@ -206,7 +204,6 @@ def test_deployment_pushes_and_tracks_into_the_cloud(cloud: Cloud, deployment_ru
     assert any("/metatrain.log" in key or key.endswith("metatrain.log") for key in stored)
 
 
-@pytest.mark.slow  # the module's stack and deployment run: about 4 minutes on 2 busy cores
 def test_dask_through_the_deployment_gives_the_local_runners_bytes(cloud: Cloud, deployment_run) -> None:
     """runner=dask in the deployment vs the stage commands with runner=local on the same parameters:
     the teacher files (sha256) and metatest.json (on the deployment's meta-learner) are identical."""
@@ -229,7 +226,6 @@ def test_dask_through_the_deployment_gives_the_local_runners_bytes(cloud: Cloud,
     assert (local / "metrics" / "metatest.json").read_bytes() == (made / "metrics" / "metatest.json").read_bytes()
 
 
-@pytest.mark.slow  # the module's stack and deployment run: about 4 minutes on 2 busy cores
 def test_no_credential_in_params_tracked_files_mlflow_or_prefect(cloud: Cloud, deployment_run, tmp_path: Path) -> None:
     found = helpers_stack.tracked_leaks(cloud.project, SECRETS)  # params.yaml and .dvc/config among them
     assert f"s3://{BUCKET}/free/dvc" in (cloud.project / ".dvc" / "config").read_text()  # the URL is there
@@ -244,7 +240,6 @@ def test_no_credential_in_params_tracked_files_mlflow_or_prefect(cloud: Cloud, d
     assert found == [], "\n".join(found)
 
 
-@pytest.mark.slow  # the module's stack and deployment run: about 4 minutes on 2 busy cores
 def test_the_scan_catches_a_key_in_params_and_in_mlflow(cloud: Cloud, deployment_run, tmp_path: Path) -> None:
     """The checks above can fail: a key put into params.yaml and into a run's params is found."""
     params = cloud.project / "params.yaml"

@@ -181,9 +181,15 @@ def test_a_process_worker_runs_a_flow_run_to_completion(prefect: Prefect, tmp_pa
     finished = prefect.get(f"/flow_runs/{run['id']}")
     assert finished["work_pool_name"] == POOL
     # The run ran in the worker's checkout, with this checkout's code (the smoke flow checks that itself).
-    logs = prefect.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
-    messages = "\n".join(entry["message"] for entry in logs)
-    assert f"worker ready in {prefect.project}" in messages, messages[-2000:]
+    # The run's last log lines can reach the server's database after the run's final state (the client
+    # sends logs in batches, the server stores them in the background): wait for them, a while.
+    wanted, messages = f"worker ready in {prefect.project}", ""
+    deadline = time.monotonic() + 30
+    while wanted not in messages and time.monotonic() < deadline:
+        logs = prefect.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
+        messages = "\n".join(entry["message"] for entry in logs)
+        time.sleep(0 if wanted in messages else 1)
+    assert wanted in messages, messages[-2000:]
 
 
 def test_kubernetes_deployments_register(prefect: Prefect) -> None:

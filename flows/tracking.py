@@ -66,14 +66,16 @@ def git_commit(project: Path) -> str:
 
 # How long an MLflow call may keep trying before the pipeline gives up on it, set unless the user set
 # them. MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) kept a run with MLflow down
-# going for 17 minutes. urllib3 (2.x) sleeps nothing after the first failed attempt, then
-# factor * 2**(n-1) + uniform(0, jitter) seconds after the n-th consecutive one. Here: 4 attempts,
-# sleeps 0, 2, 4 s (+ <= 0.5 each), so a blip of up to ~6 s (a server restart) is ridden out, and
-#   MLflow down (connection refused at once):      one call fails within 7.5 s;
-#   MLflow hung (accepts, never answers): 4 x 5 s timeout + 7.5 s = 27.5 s.
+# going for 17 minutes. urllib3 (2.x, util/retry.py) makes retries + 1 attempts and sleeps nothing
+# after the first failed one, then min(120, factor * 2**(n-1) + uniform(0, jitter)) seconds after the
+# n-th consecutive one. Here: 4 attempts, sleeps 0, 2, 4 s (+ < 0.5 each of the last two), so a blip
+# of up to ~6 s (a server restart) is ridden out, and (:func:`outage_seconds` computes it)
+#   MLflow down (connection refused at once):      one call fails within 7 s;
+#   MLflow hung (accepts, never answers): 4 x 5 s timeout + 7 s = 27 s.
 # The flow's tracking tasks have no Prefect retries on top (flows/pipeline.py), and after a failed
 # tracking call the flow makes one more (ending the parent run FAILED), which fails the same way:
-# an outage during a run fails it within 2 x 7.5 = 15 s (down) or 2 x 27.5 = 55 s (hung): under 60 s.
+# an outage during a run fails it within 2 x 7 = 14 s (down) or 2 x 27 = 54 s (hung): under 60 s.
+# tests/test_tracking_faults.py checks the real client against this on an injected clock.
 # A read timeout of 5 s is plenty for the pipeline's calls on one machine (the largest, an artifact
 # upload of the model through the server's proxy, answers once the server has stored the file); for a
 # remote server and large models set MLFLOW_HTTP_REQUEST_TIMEOUT higher.
@@ -83,6 +85,21 @@ HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
+
+
+def outage_seconds(*, hung: bool, limits: dict[str, str] = HTTP_LIMITS, calls: int = 2) -> float:
+    """The longest ``calls`` MLflow calls in a row keep trying under ``limits`` (urllib3 2.x's
+    arithmetic above) when the server is down (connection refused at once) or ``hung`` (accepts,
+    never answers: each attempt waits out the timeout). A server that trickles bytes slower than the
+    timeout, or a connect that itself takes the timeout, is outside this bound."""
+    retries = int(limits["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    factor = float(limits["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    jitter = float(limits["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"])
+    timeout = float(limits["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    backoff_max = 120.0  # urllib3's Retry.DEFAULT_BACKOFF_MAX; MLflow leaves it as is
+    sleeps = sum(min(backoff_max, factor * 2 ** (n - 1) + jitter) for n in range(2, retries + 1))
+    waits = (retries + 1) * timeout if hung else 0.0  # a refused connect takes no time
+    return calls * (sleeps + waits)
 
 
 def client(cfg: Config) -> MlflowClient:

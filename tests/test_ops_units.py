@@ -4,6 +4,7 @@ progress file, the pyfunc's episode prediction. The live services are in test_or
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -87,6 +88,20 @@ def test_params_file_then_environment_then_overrides(tmp_path: Path, monkeypatch
     path.write_text(path.read_text().replace("episodes: 20", "episodes: many"))
     with pytest.raises(ConfigError, match="episodes"):
         load_params(path)
+
+
+def test_params_config_is_load_params_of_that_text(tmp_path: Path, monkeypatch) -> None:
+    """The flow composes once and reads the config from the text it is about to write (params_config):
+    the same config a stage gets from the written file, the environment's machine settings included."""
+    from free.config import params_config
+
+    monkeypatch.setenv("FREE_DATA_DIR", "/from/env")
+    text = params_yaml(["experiment=tiny", "evaluate.episodes=9"])
+    (tmp_path / "params.yaml").write_text(text)
+    assert params_config(text) == load_params(tmp_path / "params.yaml")
+    assert params_config(text).dataset.root == "/from/env/omniglot" and params_config(text).evaluate.episodes == 9
+    with pytest.raises(ConfigError, match="episodes"):
+        params_config(text.replace("episodes: 9", "episodes: many"))
 
 
 def test_stage_reads_the_params_file(tmp_path: Path) -> None:
@@ -349,3 +364,33 @@ def test_experiment_is_created_and_kept_as_model_development(tmp_path: Path, mon
     chosen = tracker.create_experiment("genai", tags={kind: "genai_development"})
     ensure_experiment(tracker, "genai")
     assert tracker.get_experiment(chosen).tags[kind] == "genai_development"  # someone's explicit choice stays
+
+
+def _dvc_project(root: Path, remote: Path) -> Path:
+    """A DVC project (no git) with one tracked file and a local remote at ``remote``."""
+    root.mkdir()
+    for args in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "here", str(remote)]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True)
+    (root / "out.txt").write_text("an output\n")
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "out.txt"], cwd=root, check=True, capture_output=True)
+    return root
+
+
+def test_push_outputs_pushes_in_process_and_names_a_failure(tmp_path: Path, monkeypatch) -> None:
+    """``push_outputs`` asks DVC in the flow's process (no ``dvc push`` process): it says what it pushed,
+    that a second push had nothing to do, and a push that cannot write fails naming what DVC said."""
+    import flows.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_logger", lambda: logging.getLogger("test.push"))
+    project = _dvc_project(tmp_path / "p", tmp_path / "remote")
+    assert pipeline.push_outputs.fn(project) == "dvc push: 1 file pushed"
+    assert any((tmp_path / "remote").rglob("*")), "nothing in the remote"
+    assert pipeline.push_outputs.fn(project) == "dvc push: everything is up to date"
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the remote's folder should be\n")
+    other = _dvc_project(tmp_path / "q", blocked)
+    with pytest.raises(RuntimeError, match="dvc push failed") as failed:
+        pipeline.push_outputs.fn(other)
+    print(failed.value)
+    assert "not-a-folder" in str(failed.value), failed.value  # the remote it could not write

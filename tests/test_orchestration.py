@@ -27,6 +27,7 @@ import yaml
 
 from flows.pipeline import is_noise
 from free import stack
+from free.bench.pipeline import breakdown
 from free.stack import free_port_block
 from tests import helpers_stack
 
@@ -226,9 +227,19 @@ def test_a_noop_rerun_keeps_the_challenger_version(live: Live, pipeline_run) -> 
     client = live.client()
     version = client.get_model_version_by_alias(MODEL, "challenger").version
     versions = {v.version for v in client.search_model_versions(f"name = '{MODEL}'")}
-    started = time.monotonic()
+    started, wall = time.monotonic(), time.time()
     rerun = live.run(str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch")
-    print(f"no-op rerun through the deployment: {time.monotonic() - started:.1f} s")
+    seconds = time.monotonic() - started
+    print(f"no-op rerun through the deployment: {seconds:.1f} s")
+    # `free bench pipeline`'s split of the run into parts, from the API's timestamps: they add up to the
+    # wall time, and every task of the flow is there.
+    parts = breakdown(live.settings.prefect_api_url, rerun.stdout, wall, wall + seconds)
+    print(f"parts: {parts}")
+    whole = parts["cli_to_created"] + parts["created_to_running"] + parts["flow"] + parts["after_end"]
+    assert abs(whole - seconds) < 0.5, (whole, seconds)
+    names = [name for name, _ in parts["tasks"]]
+    assert names.count("track_stage") == 4 and {"push_outputs", "register", "open_tracking"} <= set(names), names
+    assert parts["after_end"] >= 0 and parts["untasked"] >= 0, parts
     assert [lines[0] for lines in _stage_lines(rerun.stdout).values()] == [
         f"stage {s}: skipped (up to date)" for s in STAGES
     ], rerun.stdout

@@ -12,16 +12,24 @@ so that no DVC cache or run cache helps a later run), with the same resolved ``p
 Then each again with nothing changed (the no-op rerun). ``free stack up`` is timed separately: it
 is paid once per machine, not per run. Wall times are of the whole command, as a user sees them.
 The metatest numbers of the three runs are recorded too; they must be identical.
+
+Each deployment run is also split into its parts, from the timestamps the Prefect API keeps
+(:func:`breakdown`): the CLI until the run exists, the wait until it runs (the worker's poll and
+the flow-run process's start and imports), each task, and the CLI after the run ended.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +74,48 @@ def _timed_command(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode} in {cwd} (log {log}):\n{tail}")
     return seconds
+
+
+def _api(url: str, body: dict | None = None) -> Any:
+    """One call to the Prefect REST API (JSON; POST when ``body``): standard library, no Prefect import."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (the stack's loopback URL)
+        return json.load(response)
+
+
+def _at(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def breakdown(api_url: str, cli_log: str, cli_started: float, cli_ended: float) -> dict[str, Any]:
+    """Where a ``prefect deployment run --watch`` spent its wall time, in seconds: ``cli_to_created``
+    (the CLI's start, creating the run), ``created_to_running`` (the worker's poll, the flow-run
+    process's start and imports), ``flow`` (running to ended) and within it each task run by name in
+    order (``tasks``) and ``untasked`` (the flow's own code between tasks), then ``after_end``
+    (the CLI after the run ended: Prefect waits 3 s for late events). ``cli_*`` are ``time.time()``."""
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", cli_log).group(1)  # the CLI prints the run it created
+    run = _api(f"{api_url}/flow_runs/{run_id}")
+    created, started, ended = _at(run["created"]), _at(run["start_time"]), _at(run["end_time"])
+    filter_ = {"flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    task_runs = sorted(_api(f"{api_url}/task_runs/filter", filter_), key=lambda r: _at(r["start_time"]))
+    tasks = [
+        [re.sub(r"-[0-9a-f]{3}$", "", r["name"]), round(_at(r["end_time"]) - _at(r["start_time"]), 2)]
+        for r in task_runs
+    ]  # fmt: skip
+    # Tasks may run side by side (push and registration): the union of their intervals is task time.
+    busy, last = 0.0, started
+    for r in task_runs:
+        begin, end = max(_at(r["start_time"]), last), _at(r["end_time"])
+        busy, last = busy + max(0.0, end - begin), max(last, end)
+    return {
+        "cli_to_created": round(created - cli_started, 2),
+        "created_to_running": round(started - created, 2),
+        "flow": round(ended - started, 2),
+        "tasks": tasks,
+        "untasked": round(ended - started - busy, 2),
+        "after_end": round(cli_ended - ended, 2),
+    }
 
 
 def _load(before: float) -> dict[str, list[float]]:
@@ -129,9 +179,19 @@ def run(source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = 
         argv = [str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch"]
         say("prefect: prefect deployment run free/full-pipeline --watch (first run, then no-op rerun)")
         load = os.getloadavg()[0]
-        first = _timed_command(argv, projects["prefect"], client, logs / "prefect.log")
-        again = _timed_command(argv, projects["prefect"], client, logs / "prefect-rerun.log")
-        runs["prefect"] = {"command": " ".join(argv), "seconds": first, "noop_seconds": again, **_load(load)}
+        parts = {}
+        for run_name, log in (("first", logs / "prefect.log"), ("noop", logs / "prefect-rerun.log")):
+            cli_started = time.time()
+            seconds = _timed_command(argv, projects["prefect"], client, log)
+            split = breakdown(settings.prefect_api_url, log.read_text(), cli_started, time.time())
+            parts[run_name] = {"seconds": seconds, **split}
+        runs["prefect"] = {
+            "command": " ".join(argv),
+            "seconds": parts["first"]["seconds"],
+            "noop_seconds": parts["noop"]["seconds"],
+            **_load(load),
+            "breakdown": parts,
+        }
     finally:
         stack.down(settings, say=lambda line: None)
         os.environ.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,35 @@ def pipeline(result: dict[str, Any]) -> str:
         f"`free stack up` (once per machine): {result['stack_up_seconds']:.1f} s. "
         f"Metatest numbers of the three runs: {same}."
     )
-    return "\n".join(lines)
+    parts = result["runs"].get("prefect", {}).get("breakdown")
+    return "\n".join(lines + (["", *pipeline_breakdown(parts)] if parts else []))
+
+
+def pipeline_breakdown(parts: dict[str, dict[str, Any]]) -> list[str]:
+    """The deployment's two runs split into parts (free.bench.pipeline.breakdown); tasks of one name summed."""
+    runs = list(parts)  # first, noop
+
+    def row(label: str, cell: Callable[[dict[str, Any]], str]) -> str:
+        return f"| {label} | {' | '.join(cell(parts[run]) for run in runs)} |"
+
+    def task(name: str) -> Callable[[dict[str, Any]], str]:
+        def cell(part: dict[str, Any]) -> str:
+            times = [seconds for task_name, seconds in part["tasks"] if task_name == name]
+            return f"{sum(times):.2f}" + (f" ({len(times)}×)" if len(times) > 1 else "")
+
+        return cell
+
+    names = list(dict.fromkeys(name for run in runs for name, _ in parts[run]["tasks"]))
+    return [
+        f"| part of `prefect deployment run --watch` | {' | '.join(f'{run} (s)' for run in runs)} |",
+        "|---|" + "---|" * len(runs),
+        row("the CLI: its start, creating the run", lambda p: f"{p['cli_to_created']:.2f}"),
+        row("created → running: the worker's poll, the process's start", lambda p: f"{p['created_to_running']:.2f}"),
+        *(row(f"task `{name}`", task(name)) for name in names),
+        row("the flow's own code between tasks", lambda p: f"{p['untasked']:.2f}"),
+        row("the CLI after the run ended (it waits 3 s for late events)", lambda p: f"{p['after_end']:.2f}"),
+        row("**total**", lambda p: f"**{p['seconds']:.1f}**"),
+    ]
 
 
 def hotpaths(result: dict[str, Any]) -> str:

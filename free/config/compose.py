@@ -83,13 +83,18 @@ def load_params(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} not found; write it with `free config params` (or `dvc exp run`)")
+    return params_config(path.read_text(), overrides, source=str(path))
+
+
+def params_config(text: str, overrides: Sequence[str] = (), source: str = "params.yaml") -> Config:
+    """:func:`load_params` of a params file holding ``text`` (what a run reads once it is written)."""
     try:
-        loaded = OmegaConf.load(path)
+        loaded = OmegaConf.create(text)
         env = OmegaConf.from_dotlist([f"{key}={value}" for key, value in env_settings().items()])
         explicit = OmegaConf.from_dotlist(list(overrides))
     except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"{path}: {_one_paragraph(err)}") from err
-    return _finish(_typed(OmegaConf.merge(loaded, env, explicit), source=str(path)))
+        raise ConfigError(f"{source}: {_one_paragraph(err)}") from err
+    return _finish(_typed(OmegaConf.merge(loaded, env, explicit), source=source))
 
 
 # The preset that the committed params.yaml holds (what `dvc repro`, `make repro` and the flow's

@@ -16,12 +16,15 @@ artifacts folder at the same path, or the stage fails naming the teachers whose 
 
 Caching: every task has ``NO_CACHE``. The core's own check is the cache (a teacher whose card and
 file match this configuration is skipped, see ``train_into``); a Prefect cache keyed on the inputs
-could claim a teacher whose file was deleted since. Results (a few numbers per task) are persisted:
-with the local stack (``PREFECT_API_URL``, ``FREE_S3_ENDPOINT_URL`` and S3 credentials in the
-environment) on its S3 server, ``s3://<storage.bucket>/prefect-results`` through the saved block
-``free-fanout-results`` (endpoint only: the credentials stay in the environment of each worker);
-otherwise in Prefect's local storage (``$PREFECT_HOME/storage``), which only a LocalCluster's
-workers share.
+could claim a teacher whose file was deleted since. Results (a few numbers per task) are persisted
+(:func:`results_location`): when this process talks to a Prefect API (``PREFECT_API_URL``) and
+botocore finds S3 credentials (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` and
+``~/.aws``, an instance role), in ``s3://<storage.bucket>/prefect-results`` at
+``storage.s3_endpoint_url`` (``FREE_S3_ENDPOINT_URL`` wins; "" = AWS's own), through the saved block
+``free-fanout-results`` (basepath and endpoint only: each worker finds its own credentials the same
+way); otherwise in Prefect's local storage (``$PREFECT_HOME/storage``), which only a LocalCluster's
+workers share, so a remote scheduler (``runner.address``) then fails before any task, naming what is
+missing.
 
 Prefect needs an API: ``PREFECT_API_URL`` when set (the stack's server), else Prefect's ephemeral
 mode, a temporary server that this process starts (a few seconds; see the README's runner section).
@@ -34,7 +37,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
@@ -56,7 +59,12 @@ logger = get_logger("fanout")  # under Prefect's configured "prefect" logger, so
 
 
 class FanOutError(RuntimeError):
-    """A task of a fan-out failed; the message names its unit (teacher index, episode shard)."""
+    """A task of a fan-out failed; the message names its unit (teacher index, episode shard). Or a remote
+    Dask cluster was configured and the task results have nowhere its workers can reach."""
+
+
+# ("s3", basepath, endpoint or "" for AWS's own) or ("local", why not S3): plain strings, a flow parameter.
+ResultsLocation = tuple[Literal["s3"], str, str] | tuple[Literal["local"], str]
 
 
 @task(cache_policy=NO_CACHE, persist_result=True, task_run_name="teacher-{index}")
@@ -72,21 +80,25 @@ def metatest_shard(cfg: Config, checkpoint: str, k_shot: int, start: int, stop: 
 
 
 @flow(name="free-teachers-fanout", validate_parameters=False)
-def teachers_fanout(cfg: Config, out: str, teacher_fp: str, threads: int) -> list[dict[str, Any]]:
+def teachers_fanout(
+    cfg: Config, out: str, teacher_fp: str, threads: int, results: ResultsLocation = ("local", "")
+) -> list[dict[str, Any]]:
     """Every teacher of the zoo as one mapped task; their outcomes in teacher order."""
     indices = list(range(cfg.teachers.n_teachers))
-    task_ = train_teacher.with_options(result_storage=_result_storage(cfg))
+    task_ = train_teacher.with_options(result_storage=_result_storage(results))
     futures = task_.map(unmapped(cfg), indices, unmapped(out), unmapped(teacher_fp), unmapped(threads))
     return _gather(futures, [f"teacher {i}" for i in indices])
 
 
 @flow(name="free-metatest-fanout", validate_parameters=False)
-def metatest_fanout(cfg: Config, checkpoint: str, threads: int) -> dict[int, list[float]]:
+def metatest_fanout(
+    cfg: Config, checkpoint: str, threads: int, results: ResultsLocation = ("local", "")
+) -> dict[int, list[float]]:
     """Every episode shard of every shot setting as one mapped task; accuracies per setting, in order."""
     ev = cfg.evaluate
     shards = episode_shards(ev.episodes, ev.episode_batch, cfg.runner.shards or cfg.runner.workers)
     units = [(k, a, b) for k in shot_settings(ev) for a, b in shards]
-    task_ = metatest_shard.with_options(result_storage=_result_storage(cfg))
+    task_ = metatest_shard.with_options(result_storage=_result_storage(results))
     futures = task_.map(
         unmapped(cfg),
         unmapped(checkpoint),
@@ -106,18 +118,21 @@ def train_teachers(cfg: Config, out: Path, teacher_fp: str, threads: int) -> lis
     """Run :func:`teachers_fanout` on the configured Dask runner (what the teachers stage calls).
 
     Raises:
-        FanOutError: a teacher failed; names it and its error.
+        FanOutError: a teacher failed; names it and its error. Or :func:`results_location`'s.
     """
-    return _run(teachers_fanout.with_options(task_runner=task_runner(cfg)), cfg, str(out), teacher_fp, threads)
+    results = results_location(cfg)
+    fanout = teachers_fanout.with_options(task_runner=task_runner(cfg))
+    return _run(fanout, cfg, str(out), teacher_fp, threads, results)
 
 
 def metatest_shards(cfg: Config, checkpoint: Path, threads: int) -> dict[int, list[float]]:
     """Run :func:`metatest_fanout` on the configured Dask runner (what the metatest stage calls).
 
     Raises:
-        FanOutError: a shard failed; names it and its error.
+        FanOutError: a shard failed; names it and its error. Or :func:`results_location`'s.
     """
-    return _run(metatest_fanout.with_options(task_runner=task_runner(cfg)), cfg, str(checkpoint), threads)
+    results = results_location(cfg)
+    return _run(metatest_fanout.with_options(task_runner=task_runner(cfg)), cfg, str(checkpoint), threads, results)
 
 
 def _run(fanout: Any, *args: Any) -> Any:
@@ -172,19 +187,74 @@ def task_runner(cfg: Config) -> DaskTaskRunner:
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
 
 
-def _result_storage(cfg: Config) -> Any:
-    """Where task results go: the stack's S3 server when this process is pointed at the stack, else
-    ``None`` (Prefect's local storage). The saved block holds the endpoint only, no credentials."""
-    stack = all(os.environ.get(v) for v in ("PREFECT_API_URL", "FREE_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"))
-    if not stack:
+def s3_credentials() -> tuple[str | None, str]:
+    """How botocore finds S3 credentials in this process, as s3fs (its async twin) will in the workers
+    that inherit its environment: ``(method, "")`` (``env``, ``shared-credentials-file``, ``iam-role``,
+    ...), or ``(None, why not)``. botocore's own chain decides; no file is read here."""
+    import botocore.session
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        credentials = botocore.session.Session().get_credentials()
+    except BotoCoreError as err:  # a profile that is not there, a config file that does not parse
+        return None, f"botocore: {err}"
+    if credentials is None:
+        return None, (
+            "botocore finds no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_PROFILE with its keys in ~/.aws/credentials)"
+        )
+    return credentials.method, ""
+
+
+def results_location(cfg: Config, api_url: str | None = None) -> ResultsLocation:
+    """Where the fan-out's task results go: S3 when this process talks to a Prefect API of its own
+    configuration (``api_url``, default ``PREFECT_API_URL``; an ephemeral server started by
+    :func:`_run` does not count) and botocore finds credentials; else the local Prefect home.
+
+    Raises:
+        FanOutError: ``runner.address`` names a remote scheduler and the results cannot go to S3
+            (its workers could not hand them back); the message names what is missing.
+    """
+    api_url = PREFECT_API_URL.value() if api_url is None else api_url
+    if not api_url and not cfg.runner.address:  # local results whatever botocore says: spare its look-up
+        logger.info("task results: this machine's Prefect home (PREFECT_API_URL is not set)")
+        return "local", "PREFECT_API_URL is not set"
+    method, no_credentials = s3_credentials()
+    missing = [] if api_url else ["PREFECT_API_URL is not set (a temporary Prefect server here would run the flow)"]
+    missing += [no_credentials] if no_credentials else []
+    if not missing:
+        basepath, endpoint = f"s3://{cfg.storage.bucket}/{RESULTS_PREFIX}", cfg.storage.s3_endpoint_url
+        logger.info("task results: %s at %s (credentials: botocore's %s)", basepath, endpoint or "AWS", method)
+        return "s3", basepath, endpoint
+    reason = "; ".join(missing)
+    if cfg.runner.address:
+        raise FanOutError(
+            f"runner.address={cfg.runner.address}: a remote Dask cluster's task results must go to S3, which "
+            f"its workers and this process both reach, but {reason}. Set what is missing (the workers need S3 "
+            "credentials of their own too), or leave runner.address unset for a cluster on this machine"
+        )
+    logger.info("task results: this machine's Prefect home (a local cluster's workers share it): %s", reason)
+    return "local", reason
+
+
+def results_block(results: ResultsLocation) -> Any:
+    """The storage block (not saved) for :func:`results_location`'s S3 location, or ``None`` (Prefect's
+    local storage). It holds the basepath and endpoint only: every process finds its credentials itself,
+    and none is ever in Prefect's database."""
+    if results[0] != "s3":
         return None
     from prefect.filesystems import RemoteFileSystem
 
-    block = RemoteFileSystem(
-        basepath=f"s3://{cfg.storage.bucket}/{RESULTS_PREFIX}",
-        settings={"client_kwargs": {"endpoint_url": cfg.storage.s3_endpoint_url}},
-    )
-    block.save(RESULTS_BLOCK, overwrite=True)
+    _, basepath, endpoint = results
+    settings = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}  # "": s3fs's own (AWS)
+    return RemoteFileSystem(basepath=basepath, settings=settings)
+
+
+def _result_storage(results: ResultsLocation) -> Any:
+    """:func:`results_block`, saved on the Prefect API (the persisted results refer to it by id)."""
+    block = results_block(results)
+    if block is not None:
+        block.save(RESULTS_BLOCK, overwrite=True)
     return block
 
 

@@ -10,6 +10,11 @@ kept a run with MLflow down going for 17 minutes) with one message naming every 
   skipped, and said so, when the remote is not an ``s3://`` one or nothing will be pushed;
 * Prefect: ``PREFECT_API_URL``, ``GET /health``; skipped when unset (a temporary server runs the flow).
 
+Given the run's ``storage`` config, it also cross-checks the DVC remote against it (:func:`remote_mismatch`):
+an ``s3://`` default remote that is not ``s3://<storage.bucket>/<storage.dvc_prefix>``, or whose endpoint
+is not ``storage.s3_endpoint_url`` (when that is set), gives a WARNING line naming both values and where
+each is set. Not a failure: a team may push to a mirror on purpose.
+
 A tracking URI with a password in it (``https://user:pass@host``) fails the run before any probe: the
 URI is shown in logs, events and the run's links. The login goes in ``MLFLOW_TRACKING_USERNAME`` /
 ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``), which MLflow's client reads.
@@ -27,7 +32,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from free.config.schema import StorageConfig
 
 TIMEOUT = 3.0  # seconds per endpoint; the endpoints are checked at the same time
 FIX = (
@@ -52,20 +61,71 @@ def dvc_remote(project: Path) -> tuple[str, str, str] | None:
     """``(name, url, endpointurl)`` of the default DVC remote of ``project``, from ``.dvc/config``
     with ``.dvc/config.local`` over it (DVC's own precedence; its global and system files are not
     read), or None when no default remote is set. ``endpointurl`` is "" when not set."""
-    from configobj import ConfigObj  # DVC's own reader of its config files
-
     merged: dict[str, dict[str, str]] = {}
-    for name in ("config", "config.local"):
-        path = project / ".dvc" / name
-        if path.is_file():
-            for section, values in ConfigObj(str(path), interpolation=False).items():
-                if isinstance(values, dict):
-                    merged.setdefault(section, {}).update(values)
+    for _, sections in _dvc_config_files(project):
+        for section, values in sections.items():
+            merged.setdefault(section, {}).update(values)
     remote = merged.get("core", {}).get("remote")
     if not remote:
         return None
     section = merged.get(f'remote "{remote}"', {})
     return remote, section.get("url", ""), section.get("endpointurl", "")
+
+
+def _dvc_config_files(project: Path) -> list[tuple[str, dict[str, dict[str, str]]]]:
+    """``(".dvc/config", its sections)`` then the same for ``.dvc/config.local``, those that exist."""
+    from configobj import ConfigObj  # DVC's own reader of its config files
+
+    found = []
+    for name in ("config", "config.local"):
+        path = project / ".dvc" / name
+        if path.is_file():
+            parsed = ConfigObj(str(path), interpolation=False)
+            found.append((f".dvc/{name}", {k: dict(v) for k, v in parsed.items() if isinstance(v, dict)}))
+    return found
+
+
+def _dvc_origin(project: Path, remote: str, key: str) -> str:
+    """Which DVC config file sets ``key`` of ``remote`` (the last one: ``.dvc/config.local`` wins)."""
+    origin = ".dvc/config(.local)"
+    for name, sections in _dvc_config_files(project):
+        if key in sections.get(f'remote "{remote}"', {}):
+            origin = name
+    return origin
+
+
+def remote_mismatch(project: Path, storage: StorageConfig) -> list[str]:
+    """WARNING lines where the default DVC remote, an ``s3://`` one, is not where ``storage`` says DVC's
+    outputs go: ``s3://<bucket>/<dvc_prefix>`` (trailing slashes aside), and ``s3_endpoint_url`` when that
+    is set ("" = AWS's own: the remote may name any). Empty when they agree or the remote is not S3."""
+    remote = dvc_remote(project)
+    if remote is None or not remote[1].startswith("s3://"):
+        return []
+    name, url, endpoint = remote
+    lines = []
+    expected = f"s3://{storage.bucket.strip('/')}/{storage.dvc_prefix.strip('/')}".rstrip("/")
+    if url.rstrip("/") != expected:
+        lines.append(
+            f"WARNING: DVC remote {name} is {url} ({_dvc_origin(project, name, 'url')}), but storage.bucket and "
+            f"storage.dvc_prefix say {expected} (params/storage/<the storage= choice>.yaml and the run's overrides): "
+            f"`dvc push` goes to {url}; if that is not meant, `dvc remote modify {name} url {expected}`"
+        )
+    if storage.s3_endpoint_url:
+        if endpoint:
+            remote_setting = f"endpointurl of DVC remote {name}, {_dvc_origin(project, name, 'endpointurl')}"
+        else:
+            env = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+            endpoint = os.environ.get(env, "")
+            remote_setting = env if endpoint else f"DVC remote {name} has no endpointurl: AWS's own"
+        wanted = storage.s3_endpoint_url
+        if endpoint.rstrip("/") != wanted.rstrip("/"):
+            where = "FREE_S3_ENDPOINT_URL" if os.environ.get("FREE_S3_ENDPOINT_URL") else "params/storage/<choice>.yaml"
+            lines.append(
+                f"WARNING: DVC pushes to the S3 endpoint {endpoint or '(AWS)'} ({remote_setting}), but "
+                f"storage.s3_endpoint_url is {wanted} ({where}): if that is not meant, "
+                f"`dvc remote modify {name} endpointurl {wanted}`"
+            )
+    return lines
 
 
 def endpoints(
@@ -130,9 +190,10 @@ def probe(endpoint: Endpoint, timeout: float = TIMEOUT) -> str | None:
 
 def check(
     project: Path, tracking_uri: str, push: bool = True, prefect_api_url: str | None = None,
-    prefect: bool = True, timeout: float = TIMEOUT,
+    prefect: bool = True, timeout: float = TIMEOUT, storage: StorageConfig | None = None,
 ) -> list[str]:  # fmt: skip
-    """Probe every endpoint at once; the report lines when all answer.
+    """Probe every endpoint at once; the report lines when all answer, then, given the run's
+    ``storage`` config, :func:`remote_mismatch`'s warnings (none without it).
 
     Raises:
         PreflightError: one or more do not answer; names each URI, the setting it comes from, the
@@ -151,4 +212,5 @@ def check(
             f"preflight: {len(down)} of {len(checks)} endpoints unreachable after {seconds:.1f} s:\n  "
             + "\n  ".join(lines) + f"\n{FIX}"
         )
-    return [f"{e.service} at {e.uri}: ok" for e in checks] + skipped
+    warnings = remote_mismatch(project, storage) if storage is not None else []
+    return [f"{e.service} at {e.uri}: ok" for e in checks] + skipped + warnings

@@ -5,8 +5,9 @@ Prefect and the worker (``FREE_STACK_EXTERNAL=1``), and the deployment on ``runn
 The "cloud" is real servers on free loopback ports that the project knows nothing of: a SeaweedFS S3
 server and an MLflow server (artifacts proxied to that S3), started apart from the project with their
 own state. The pipeline reaches them only through the documented settings: ``MLFLOW_TRACKING_URI``,
-``AWS_PROFILE`` with the keys in ``~/.aws/credentials`` of a private ``HOME``, and the DVC remote added
-by ``dvc remote add`` (no ``.dvc/config.local``, no ``AWS_*`` keys in any environment). One run of the
+``AWS_PROFILE`` with the keys in ``~/.aws/credentials`` of a private ``HOME``, ``FREE_S3_ENDPOINT_URL``
+(the S3-compatible store, where the Dask tasks' results go), and the DVC remote added by
+``dvc remote add`` (no ``.dvc/config.local``, no ``AWS_*`` keys in any environment). One run of the
 ``free/full-pipeline`` deployment with seconds-sized settings then serves both checks: no credential in
 params.yaml, tracked files, MLflow params/tags/artifacts, Prefect parameters/logs or command lines;
 DVC's push and MLflow's artifacts are in the cloud's bucket; and its ``runner=dask`` teachers and
@@ -122,6 +123,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
         {
             "HOME": str(home),
             "AWS_PROFILE": PROFILE,
+            "FREE_S3_ENDPOINT_URL": servers.s3_endpoint_url,  # storage.s3_endpoint_url (storage=s3's is "": AWS)
             "MLFLOW_TRACKING_URI": servers.mlflow_tracking_uri,
             "FREE_STACK_EXTERNAL": "1",
             "FREE_STATE_DIR": str(root / "state"),
@@ -202,6 +204,8 @@ def test_deployment_pushes_and_tracks_into_the_cloud(cloud: Cloud, deployment_ru
     stored = cloud.bucket_keys("mlflow/")
     assert any(key.endswith(f"{parent.info.run_id}/artifacts/params.yaml") for key in stored), sorted(stored)[:20]
     assert any("/metatrain.log" in key or key.endswith("metatrain.log") for key in stored)
+    # The runner=dask tasks' results: in the cloud's bucket, found with the profile's keys (flows/fanout.py).
+    assert cloud.bucket_keys("prefect-results/"), "no task result in s3://free-team/prefect-results/"
 
 
 def test_dask_through_the_deployment_gives_the_local_runners_bytes(cloud: Cloud, deployment_run) -> None:
@@ -235,6 +239,11 @@ def test_no_credential_in_params_tracked_files_mlflow_or_prefect(cloud: Cloud, d
     hits, flow_runs, n_logs = helpers_stack.prefect_leaks(cloud.env["PREFECT_API_URL"], SECRETS)
     assert any("storage=s3" in json.dumps(r["parameters"]) for r in flow_runs) and n_logs > 0
     found += hits
+    blocks = helpers_stack.post_json(
+        f"{cloud.env['PREFECT_API_URL']}/block_documents/filter", {"limit": 200, "include_secrets": True}
+    )
+    assert "free-fanout-results" in {b["name"] for b in blocks}, blocks  # the task results' S3 block
+    found += helpers_stack.leaks("prefect blocks", json.dumps(blocks).encode(), SECRETS)
     assert cloud.cmdlines is not None and cloud.cmdlines.samples > 10
     found += [f"command line of pid {hit}" for hit in cloud.cmdlines.hits]
     assert found == [], "\n".join(found)

@@ -13,6 +13,11 @@ and nested) still RUNNING end FAILED, and ``params.yaml`` is put back.
 A worker that is never restarted is covered by Prefect's own mechanism: flow runs send heartbeats
 (``serve.HEARTBEAT_SECONDS``) and an automation (:func:`ensure_zombie_automation`) marks a run
 Crashed when they stop; its MLflow runs end FAILED at the next worker start (:func:`fail_stale_tracking`).
+
+The stack's pool worker (``flows.pool_worker``, a ``prefect worker start`` of pool ``free-local``)
+does the same for the runs of its pool (``reconcile(project, pool=...)``); each worker leaves the
+other's runs alone. A pool run's process is the one the process worker spawned in a session of its
+own (its group is its PID), its parent that worker; ``dvc repro`` and the stage share its group.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +37,17 @@ import psutil
 DEPLOYMENTS = ("free/full-pipeline", "promote/promote")
 ACTIVE = ("RUNNING", "PENDING", "CANCELLING")  # a process should exist for these
 WORKER_MODULE = "flows.serve"  # in the command line of the worker that spawned a flow run's process
+POOL_WORKER_COMMAND = ("worker", "start")  # after `prefect`: a process worker, whose flow-run processes it spawns
 AUTOMATION = "free: crash flow runs whose heartbeats stopped"
+POOL_AUTOMATION = "free: crash work-pool flow runs whose heartbeats stopped"
 # On the served deployments (flows/serve.py), so on their runs and their heartbeats: the same deployment
 # names may be registered for a work pool (prefect.yaml), whose workers run them with Prefect's own
 # heartbeat period (180 s), which the automation's shorter silence must not judge.
 SERVED_TAG = "served-by-flows.serve"
+# On the work-pool deployments of prefect.yaml, so on their runs: the pool's automation (POOL_AUTOMATION)
+# judges them. The stack's pool worker has them beat every 30 s, but a process worker started by hand runs
+# them with Prefect's default period (180 s), so that automation waits three of those.
+POOL_TAG = "free"
 RUN_ENV = "FREE_FLOW_RUN_ID"  # set by record_process in the flow run's process: dvc and the stage inherit it
 FLOW_RUN_TAG = "prefect.flow_run_id"  # on the pipeline's MLflow parent run (flows/pipeline.py)
 Say = Callable[[str], None]
@@ -67,16 +78,20 @@ def end_tracking(flow: Any, flow_run: Any, state: Any) -> None:
 # -- the worker's side: reconcile at start ----------------------------------------------------------
 
 
-def reconcile(project: Path, say: Say = print) -> list[str]:
+def reconcile(project: Path, say: Say = print, pool: str | None = None) -> list[str]:
     """Crash the active runs of our deployments that have no live process; return their ids.
 
-    For each RUNNING/PENDING/CANCELLING run of :data:`DEPLOYMENTS` served by a worker like this one
-    (not one of a work pool, which its own worker manages): a run whose recorded process
+    For each RUNNING/PENDING/CANCELLING run of :data:`DEPLOYMENTS` run by a worker like this one
+    (``pool`` None: the serve() worker's, not on a work pool; ``pool``: that pool's, for its worker
+    ``flows.pool_worker``; each leaves the other's runs alone): a run whose recorded process
     lives under a live worker is left alone; one whose process lives on after its worker died is
     stopped (:func:`stop_orphan`) and crashed; one without a live process is crashed. Runs recorded
-    on another host are left alone (nothing here can tell). Then MLflow runs of crashed flow runs
-    end FAILED (:func:`fail_stale_tracking`) and, when no run is alive and DVC is idle, ``params.yaml``
-    is put back as the last run found it.
+    on another host are left alone (nothing here can tell). On a pool, other workers may run the
+    pool's runs too, so also left alone: an orphan working in another directory than ``project``,
+    and a run without a process recorded on this host (PENDING; a process worker's bare PID) while
+    another worker of the pool is alive. Then MLflow runs of crashed flow runs end FAILED
+    (:func:`fail_stale_tracking`) and, when no run is alive and DVC is idle, ``params.yaml`` is put
+    back as the last run found it.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -106,14 +121,29 @@ def reconcile(project: Path, say: Say = print) -> list[str]:
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in ACTIVE]))
                 ),
             )
+        others: list[str] | None = None  # the pool's other live workers, asked once when needed
         for run in runs:
-            if run.work_pool_name:  # a work pool's worker runs it (prefect.yaml): that worker's business
+            if run.work_pool_name != pool:  # the serve() worker's, or a work pool's: that worker's business
                 continue
             verdict, proc = process_of(run)
             if verdict == "served":
                 alive.append(str(run.id))
                 say(f"flow run {run.name} ({run.id}): {run.state_name}, its process {proc.pid} lives: left alone")
                 continue
+            if pool is not None and verdict == "orphan" and not _works_in(proc, project):
+                alive.append(str(run.id))
+                say(f"flow run {run.name} ({run.id}): its process {proc.pid} works in another directory: left alone")
+                continue
+            if pool is not None and verdict in ("gone", "elsewhere") and not _recorded_here(run):
+                others = _live_workers(client, pool, pool_worker_name(project)) if others is None else others
+                if others:
+                    alive.append(str(run.id))
+                    say(
+                        f"flow run {run.name} ({run.id}): {run.state_name}, no process of it recorded here, and "
+                        f"pool {pool} has live workers ({', '.join(others)}): left to them"
+                    )
+                    continue
+                verdict = "gone"  # no other worker could be running it
             if verdict == "elsewhere":
                 say(f"flow run {run.name} ({run.id}): recorded on {run.infrastructure_pid}, not here: left alone")
                 continue
@@ -136,39 +166,99 @@ def reconcile(project: Path, say: Say = print) -> list[str]:
 def process_of(run: Any) -> tuple[str, psutil.Process | None]:
     """(served | orphan | gone | elsewhere, the process) for a flow run's recorded ``infrastructure_pid``.
 
-    served: the process lives and its parent is a worker (``flows.serve``); orphan: it lives, its
+    served: the process lives and its parent is a worker (:func:`is_worker`); orphan: it lives, its
     worker is gone; gone: no such process (or a newer process reusing the PID); elsewhere: recorded
-    on another host."""
+    on another host, or a bare PID (what a process worker records before the run's own hook) that is
+    not this run's process here."""
     host, _, pid = (run.infrastructure_pid or "").rpartition(":")
     if not pid.isdigit():
         return "gone", None  # never reached Running (PENDING), or recorded by nothing of ours
-    if host != socket.gethostname():
+    if host and host != socket.gethostname():
         return "elsewhere", None
     try:
         proc = psutil.Process(int(pid))
+        if not host and proc.environ().get("PREFECT__FLOW_RUN_ID") != str(run.id):
+            return "elsewhere", None  # a bare PID may be another host's: only this run's own process counts
         started = run.start_time.timestamp() if run.start_time else time.time()
         if proc.status() == psutil.STATUS_ZOMBIE or proc.create_time() > started + 5:
             return "gone", None  # the PID now belongs to a process born after the run started
-        parent = proc.parent()
-        if parent is not None and any(WORKER_MODULE in part for part in parent.cmdline()):
+        if is_worker(proc.parent()):
             return "served", proc
         return "orphan", proc
     except psutil.Error:
-        return "gone", None
+        return ("gone" if host else "elsewhere"), None
+
+
+def is_worker(proc: psutil.Process | None) -> bool:
+    """Whether ``proc`` is a worker that runs flow runs in its child processes: ``python -m flows.serve``,
+    or ``prefect worker start`` (the stack's pool worker becomes one; a user may start one by hand)."""
+    if proc is None:
+        return False
+    try:
+        cmdline = proc.cmdline()
+    except psutil.Error:
+        return False
+    if any(WORKER_MODULE in part for part in cmdline):
+        return True
+    n = len(POOL_WORKER_COMMAND)
+    return any(
+        Path(part).name == "prefect" and tuple(cmdline[i + 1 : i + 1 + n]) == POOL_WORKER_COMMAND
+        for i, part in enumerate(cmdline)
+    )
+
+
+def pool_worker_name(project: Path) -> str:
+    """The name the stack's pool worker gives itself on its pool (``prefect worker start --name``):
+    the same after a restart, so a reconcile can tell its dead predecessor from another live worker.
+    Host, folder name and a digest of the folder's path (Prefect refuses ``/`` and ``%`` in a worker's name)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(project.resolve()).encode()).hexdigest()[:10]
+    return f"free-stack {socket.gethostname()} {project.resolve().name.replace('%', '_')} {digest}"
+
+
+def _recorded_here(run: Any) -> bool:
+    """Whether the run's ``infrastructure_pid`` names a process on this host (``<host>:<pid>``)."""
+    host, _, pid = (run.infrastructure_pid or "").rpartition(":")
+    return pid.isdigit() and host == socket.gethostname()
+
+
+def _works_in(proc: psutil.Process, project: Path) -> bool:
+    """Whether ``proc`` works in ``project`` (a process worker's flow runs start in its directory)."""
+    try:
+        return Path(proc.cwd()).resolve() == project.resolve()
+    except psutil.NoSuchProcess:
+        return True  # ended meanwhile: nothing left to spare
+    except psutil.Error:
+        return False  # not ours to see: not ours to stop
+
+
+def _live_workers(client: Any, pool: str, own_name: str) -> list[str]:
+    """Names of the workers of ``pool``, other than ``own_name``, that sent a heartbeat lately (Prefect's
+    rule: within three of their heartbeat periods)."""
+    now, names = datetime.now(UTC), []
+    for worker in client.read_workers_for_work_pool(pool):
+        silence = 3 * (worker.heartbeat_interval_seconds or 30)  # Prefect's default period: 30 s
+        beat = worker.last_heartbeat_time
+        if worker.name != own_name and beat is not None and (now - beat).total_seconds() < silence:
+            names.append(worker.name)
+    return names
 
 
 def stop_orphan(proc: psutil.Process, grace: float = 10.0) -> str:
     """Stop an orphaned flow-run process with what it started (``dvc repro``, the stage).
 
-    Its process group is the dead worker's: when that group's leader is gone, the whole group is
-    signalled (SIGTERM, SIGKILL after ``grace`` s); when the leader lives (a shell that started the
-    worker by hand), only the orphan's own process tree is, so the shell is spared. Returns a few
-    words on what was stopped."""
+    Its process group is the dead worker's (serve()) or its own (a process worker's run): when that
+    group's leader is gone or is the orphan, the whole group is signalled (SIGTERM, SIGKILL after
+    ``grace`` s); when another leader lives (a shell that started the worker by hand), only the
+    orphan's own process tree is, so the shell is spared. Returns a few words on what was stopped."""
     try:
         pgid = os.getpgid(proc.pid)
     except OSError:
         return "nothing: it ended meanwhile"
-    if pgid == os.getpgid(0) or _alive(pgid):  # never our own group; a live leader is not the dead worker
+    # Never our own group; a live leader other than the orphan is not the dead worker (a shell that started
+    # it). A process worker's flow-run process leads a group of its own, which holds just the run's processes.
+    if pgid == os.getpgid(0) or (pgid != proc.pid and _alive(pgid)):
         return _stop_tree(proc, grace)
     members = _group(pgid)
     _signal_group(pgid, signal.SIGTERM)
@@ -360,10 +450,23 @@ def fail_stale_tracking(say: Say = print) -> list[str]:
 # -- the zombie automation --------------------------------------------------------------------------
 
 
-def ensure_zombie_automation(deployment_ids: Iterable[Any], silence_seconds: int, say: Say = print) -> None:
+def ensure_zombie_automation(
+    deployment_ids: Iterable[Any],
+    silence_seconds: int,
+    say: Say = print,
+    name: str = AUTOMATION,
+    tag: str = SERVED_TAG,
+) -> None:
     """Prefect's "detect zombie flows" recipe, for our deployments' runs only: when a run's heartbeat
     is not followed by another heartbeat or a final state within ``silence_seconds``, the server sets
-    it Crashed. Created once per server, updated to the current deployments on each start."""
+    it Crashed. Created once per server, updated to the current deployments on each start.
+
+    ``name`` and ``tag``: one automation per kind of run, as the serve() worker and the pool worker
+    run the same two deployments (same names, so the same ids) with different heartbeat periods.
+    :data:`AUTOMATION` for the runs flows/serve.py serves (tag :data:`SERVED_TAG`, 30 s beats);
+    :data:`POOL_AUTOMATION` for those run on the pool (tag :data:`POOL_TAG`, beats every 30 s from
+    the stack's pool worker, every 180 s from one started by hand): each worker keeps its own
+    automation up to date, and never changes the other's."""
     from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
@@ -371,24 +474,23 @@ def ensure_zombie_automation(deployment_ids: Iterable[Any], silence_seconds: int
     from prefect.events.schemas.events import ResourceSpecification
 
     final = ("Completed", "Failed", "Cancelled", "Crashed")
+    maker = "flows/serve.py" if tag == SERVED_TAG else "flows/pool_worker.py"
     wanted = Automation(
-        name=AUTOMATION,
-        description="Flow runs of free/full-pipeline and promote/promote whose process stopped sending "
-        "heartbeats (the worker died with them) are set Crashed. Made by flows/serve.py.",
+        name=name,
+        description=f"Flow runs of free/full-pipeline and promote/promote tagged {tag} whose process stopped "
+        f"sending heartbeats (the worker died with them) are set Crashed. Made by {maker}.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in final)},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            match_related=[  # both: a run of our deployments, served by flows.serve
+            match_related=[  # both: a run of our deployments, of the kind the tag says (served, or on the pool)
                 ResourceSpecification(
                     {
                         "prefect.resource.role": "deployment",
                         "prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids],
                     }
                 ),
-                ResourceSpecification(
-                    {"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{SERVED_TAG}"}
-                ),
+                ResourceSpecification({"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{tag}"}),
             ],
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
@@ -398,17 +500,17 @@ def ensure_zombie_automation(deployment_ids: Iterable[Any], silence_seconds: int
         actions=[
             ChangeFlowRunState(
                 state=StateType.CRASHED,
-                message=f"Crashed by the automation {AUTOMATION!r}: no heartbeat for {silence_seconds} s "
+                message=f"Crashed by the automation {name!r}: no heartbeat for {silence_seconds} s "
                 "(its worker died with it, or the machine did)",
                 force=True,
             )
         ],
     )
     try:
-        existing = Automation.read(name=AUTOMATION)
+        existing = Automation.read(name=name)
     except ValueError:
         wanted.create()
-        say(f"automation {AUTOMATION!r}: created (crashes a run after {silence_seconds} s without heartbeat)")
+        say(f"automation {name!r}: created (crashes a run after {silence_seconds} s without heartbeat)")
         return
     wanted.id = existing.id
     wanted.update()

@@ -461,14 +461,15 @@ def _compose(overrides: list[str]) -> tuple[str | None, Config | None]:
 
 def _preflight(project: Path, cfg: Config | None, push: bool) -> None:
     """:func:`flows.preflight.check` before anything is written: a ``free.preflight`` event (one line
-    in ``--watch``) and, if an endpoint does not answer, the run fails with each one named. Without a
-    config (the overrides do not compose), the tracking server of the environment is checked."""
+    in ``--watch``) and, if an endpoint does not answer, the run fails with each one named; a DVC remote
+    elsewhere than ``storage.*`` says is a warning on that line. Without a config (the overrides do not
+    compose), the tracking server of the environment is checked."""
     if cfg is not None:
         tracking_uri = cfg.tracking.tracking_uri
     else:  # write_params reports the composition's error next
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or Config().tracking.tracking_uri
     try:
-        lines = preflight.check(project, tracking_uri, push)
+        lines = preflight.check(project, tracking_uri, push, storage=cfg.storage if cfg is not None else None)
     except preflight.PreflightError as err:
         _announce("free.preflight", "free.preflight", str(err), {"free.preflight.outcome": "failed"})
         raise

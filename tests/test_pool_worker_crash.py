@@ -138,6 +138,7 @@ def test_pool_worker_group_killed_then_up_crashes_its_run_and_fails_its_mlflow_r
     assert run.work_pool_name == POOL and run.state.type.value == "RUNNING", run
     assert run.infrastructure_pid == f"{recovery.socket.gethostname()}:{flow_proc.pid}"  # the run's own hook
     assert (live.project / "params.yaml").read_bytes() != live.committed_params  # the run's own
+    assert recovery.process_of(run) == ("served", flow_proc)  # under the live `prefect worker start`: never crashed
     old = live.worker()["pgid"]
     flow_group = os.getpgid(flow_proc.pid)
     assert flow_group != old and stage_proc.pid in group_members(flow_group)
@@ -147,7 +148,7 @@ def test_pool_worker_group_killed_then_up_crashes_its_run_and_fails_its_mlflow_r
     wait_until("the worker's group to die", lambda: not group_members(old), 20)
     time.sleep(2)
     assert live.flow_run(run_id).state.type.value == "RUNNING"  # no worker left to say otherwise
-    assert flow_proc.is_running()  # the run works on, orphaned
+    assert flow_proc.is_running() and recovery.process_of(run) == ("orphan", flow_proc)  # it works on, orphaned
 
     lines: list[str] = []
     up_started = time.time()

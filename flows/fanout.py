@@ -14,10 +14,12 @@ tensors). Workers write the teacher files into the stage's output folder: a ``Lo
 this machine's disk; with ``runner.address`` (a remote scheduler) every worker must mount the
 artifacts folder at the same path, or the stage fails naming the teachers whose files it cannot see.
 
-Caching: every task has ``NO_CACHE``. The core's own check is the cache (a teacher whose card and
-file match this configuration is skipped, see ``train_into``); a Prefect cache keyed on the inputs
-could claim a teacher whose file was deleted since. Results (a few numbers per task) are persisted
-(:func:`results_location`): when this process talks to a Prefect API (``PREFECT_API_URL``) and
+Caching: none in Prefect. The core's own check is the cache (a teacher whose card and file match this
+configuration is skipped, see ``train_into``); a Prefect cache keyed on the inputs could claim a
+teacher whose file was deleted since. So each result is stored under its own task run's id
+(:data:`RESULT_KEY`), which no later run looks up (Prefect's ``NO_CACHE`` would store nothing: with
+no cache key, Prefect 3 writes no result, whatever ``persist_result`` says). Results (a few numbers per
+task) go (:func:`results_location`), when this process talks to a Prefect API (``PREFECT_API_URL``) and
 botocore finds S3 credentials (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` and
 ``~/.aws``, an instance role), in ``s3://<storage.bucket>/prefect-results`` at
 ``storage.s3_endpoint_url`` (``FREE_S3_ENDPOINT_URL`` wins; "" = AWS's own), through the saved block
@@ -40,7 +42,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, task, unmapped
-from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, wait
 from prefect.logging import get_logger
 from prefect.logging.handlers import APILogHandler
@@ -54,6 +55,7 @@ from free.stages.teachers import train_into
 
 RESULTS_BLOCK = "free-fanout-results"
 RESULTS_PREFIX = "prefect-results"
+RESULT_KEY = "{task_run.id}"  # one stored result per task run: written, never found again as a cache hit
 EPHEMERAL_STARTUP_SECONDS = 180
 logger = get_logger("fanout")  # under Prefect's configured "prefect" logger, so its lines are shown
 
@@ -67,13 +69,16 @@ class FanOutError(RuntimeError):
 ResultsLocation = tuple[Literal["s3"], str, str] | tuple[Literal["local"], str]
 
 
-@task(cache_policy=NO_CACHE, persist_result=True, task_run_name="teacher-{index}")
+@task(cache_policy=None, persist_result=True, result_storage_key=RESULT_KEY, task_run_name="teacher-{index}")
 def train_teacher(cfg: Config, index: int, out: str, teacher_fp: str, threads: int) -> dict[str, Any]:
     """Train teacher ``index`` into ``out`` (skipped if a matching one is there)."""
     return train_into(cfg, index, Path(out), teacher_fp, threads)
 
 
-@task(cache_policy=NO_CACHE, persist_result=True, task_run_name="metatest-{k_shot}shot-{start}-{stop}")
+@task(
+    cache_policy=None, persist_result=True, result_storage_key=RESULT_KEY,
+    task_run_name="metatest-{k_shot}shot-{start}-{stop}",
+)  # fmt: skip
 def metatest_shard(cfg: Config, checkpoint: str, k_shot: int, start: int, stop: int, threads: int) -> list[float]:
     """Accuracies of episodes ``start .. stop - 1`` of shot setting ``k_shot``."""
     return evaluate_shard(cfg, Path(checkpoint), k_shot, start, stop, threads)

@@ -393,7 +393,7 @@ def register_finished(project: Path, push: bool = False) -> dict:
         )
     params_text = (project / "params.yaml").read_text()
     params, cfg = yaml.safe_load(params_text), load_params(project / "params.yaml")
-    checked = preflight.check(project, cfg.tracking.tracking_uri, push, prefect=False)
+    checked = preflight.check(project, cfg.tracking.tracking_uri, push, prefect=False, storage=cfg.storage)
     commit = git_commit(project)
     tags = {
         "mlflow.runName": f"free register {time.strftime('%Y-%m-%d %H:%M:%S')}",

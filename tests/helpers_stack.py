@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,26 @@ def stop_session(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             continue
     wait_until(f"process group {proc.pid} to end", lambda: not group_members(proc.pid), 10)
+
+
+CLIENT_SETTINGS = ("FREE_DATA_DIR", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "FREE_S3_ENDPOINT_URL")
+
+
+@contextmanager
+def stack_up_in(settings: Any, machine: Mapping[str, str], cleared: Iterable[str] = CLIENT_SETTINGS) -> Iterator[None]:
+    """``free stack up`` with ``machine`` set and ``cleared`` unset in the environment its services
+    inherit (the test's own settings must not leak into the copy's stack); ``free stack down`` after."""
+    from free import stack
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in machine.items():
+            mp.setenv(key, value)
+        for key in cleared:
+            mp.delenv(key, raising=False)
+        started = time.time()
+        try:
+            stack.up(settings, say=lambda line: None)
+            print(f"stack up: {time.time() - started:.0f} s")
+            yield
+        finally:
+            stack.down(settings, say=lambda line: None)

@@ -23,7 +23,15 @@ import pytest
 
 from flows import recovery
 from free import stack
-from tests.helpers_stack import free_port_settings, fresh_project, group_members, stop_session, wait_until
+from tests.helpers_stack import (
+    CLIENT_SETTINGS,
+    free_port_settings,
+    fresh_project,
+    group_members,
+    stack_up_in,
+    stop_session,
+    wait_until,
+)
 from tests.test_worker_crash import STAGE_CMD, Live, _alive
 
 BIN = Path(sys.executable).parent
@@ -108,19 +116,8 @@ def pool_live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path
     settings = free_port_settings(root, project, work_pool=True)
     machine = {"FREE_STATE_DIR": str(settings.state_dir), "FREE_CACHE_DIR": str(root / "cache"),
                "FREE_CONFIG_DIR": str(project / "params"), "PREFECT_WORKER_QUERY_SECONDS": "2"}  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in machine.items():
-            mp.setenv(key, value)
-        clients = ("FREE_DATA_DIR", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "FREE_S3_ENDPOINT_URL", "FREE_WORK_POOL")
-        for key in clients:
-            mp.delenv(key, raising=False)
-        started = time.time()
-        try:
-            stack.up(settings, say=lambda line: None)
-            print(f"stack up: {time.time() - started:.0f} s")
-            yield PoolLive(project, settings)
-        finally:
-            stack.down(settings, say=lambda line: None)
+    with stack_up_in(settings, machine, [*CLIENT_SETTINGS, "FREE_WORK_POOL"]):
+        yield PoolLive(project, settings)
 
 
 def test_pool_worker_group_killed_then_up_crashes_its_run_and_fails_its_mlflow_runs(pool_live: PoolLive) -> None:

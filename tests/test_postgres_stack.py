@@ -213,7 +213,8 @@ def test_the_deployment_runs_and_its_records_are_in_postgres_and_s3(pg: PgLive, 
     )  # fmt: skip
     assert ("free-local",) in run_pools, run_pools
     worker = psutil.Process(json.loads(pg.free("stack", "status", "--json").stdout)["services"]["worker"]["pid"])
-    assert worker.cmdline()[-8:] == ["worker", "start", "--pool", "free-local", "--type", "process", "--limit", "1"]
+    assert worker.cmdline()[-10:-2] == ["worker", "start", "--pool", "free-local", "--type", "process", "--limit", "1"]
+    assert worker.cmdline()[-2] == "--name"  # the stack's own worker, known by name to the reconcile
     # Neither server made a SQLite store of its own.
     assert not list(pg.settings.state_dir.rglob("*.db")), list(pg.settings.state_dir.rglob("*.db"))
 

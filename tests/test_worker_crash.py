@@ -23,7 +23,7 @@ import pytest
 from flows import guards, recovery
 from free import stack
 from free.stack import TAG
-from tests.helpers_stack import free_port_settings, fresh_project, group_members, stop_session, wait_until
+from tests.helpers_stack import free_port_settings, fresh_project, group_members, stack_up_in, stop_session, wait_until
 
 BIN = Path(sys.executable).parent
 STAGE_CMD = "-m free --params params.yaml"  # in the command line of every stage (dvc.yaml)
@@ -235,18 +235,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
     settings = free_port_settings(root, project)
     machine = {"FREE_STATE_DIR": str(settings.state_dir), "FREE_CACHE_DIR": str(root / "cache"),
                "FREE_CONFIG_DIR": str(project / "params")}  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in machine.items():
-            mp.setenv(key, value)
-        for key in ("FREE_DATA_DIR", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "FREE_S3_ENDPOINT_URL"):
-            mp.delenv(key, raising=False)
-        started = time.time()
-        try:
-            stack.up(settings, say=lambda line: None)
-            print(f"stack up: {time.time() - started:.0f} s")
-            yield Live(project, settings)
-        finally:
-            stack.down(settings, say=lambda line: None)
+    with stack_up_in(settings, machine):
+        yield Live(project, settings)
 
 
 def test_a_run_refuses_to_start_while_a_stage_holds_dvcs_locks(live: Live) -> None:

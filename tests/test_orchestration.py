@@ -235,11 +235,14 @@ def test_a_noop_rerun_keeps_the_challenger_version(live: Live, pipeline_run) -> 
     # wall time, and every task of the flow is there.
     parts = breakdown(live.settings.prefect_api_url, rerun.stdout, wall, wall + seconds)
     print(f"parts: {parts}")
-    whole = parts["cli_to_created"] + parts["created_to_running"] + parts["flow"] + parts["after_end"]
-    assert abs(whole - seconds) < 0.5, (whole, seconds)
+    # The parts add up to the CLI's span by construction; what can be wrong is their order: each is an
+    # interval between the API's timestamps, inside the CLI's run, and the tasks fit inside the flow.
+    spans = ("cli_to_created", "created_to_running", "flow", "after_end")
+    assert all(parts[key] >= 0 for key in spans), parts
+    assert parts["untasked"] <= parts["flow"], parts
     names = [name for name, _ in parts["tasks"]]
     assert names.count("track_stage") == 4 and {"push_outputs", "register", "open_tracking"} <= set(names), names
-    assert parts["after_end"] >= 0 and parts["untasked"] >= 0, parts
+    assert parts["untasked"] >= 0, parts
     assert [lines[0] for lines in _stage_lines(rerun.stdout).values()] == [
         f"stage {s}: skipped (up to date)" for s in STAGES
     ], rerun.stdout

@@ -35,3 +35,25 @@ def test_copy_takes_the_code_not_the_users_runs(tmp_path: Path) -> None:
     assert (test_copy / "data" / "omniglot" / "images_background_small1.zip").is_file()  # data travels with the code
     status = subprocess.run(["git", "status", "--porcelain"], cwd=test_copy, capture_output=True, text=True, check=True)
     assert status.stdout == ""
+
+
+def test_copy_with_overrides_runs_the_tiny_preset_with_them(tmp_path: Path) -> None:
+    """`free bench pipeline metalearn.iterations=100`: each copy's params.yaml is that composition,
+    the one the deployment run composes from its parameters."""
+    from free.config import params_yaml, with_default_experiment
+
+    copy_project(REPO, tmp_path / "copy", ["metalearn.iterations=7"])
+    written = (tmp_path / "copy" / "params.yaml").read_text()
+    assert written == params_yaml(with_default_experiment(["metalearn.iterations=7"]))
+    assert "iterations: 7" in written and written != (REPO / "params.yaml").read_text()
+
+
+def test_bench_pipeline_rejects_a_bad_override_before_copying_anything(tmp_path: Path) -> None:
+    import pytest
+
+    from free.bench import pipeline
+    from free.config import ConfigError
+
+    with pytest.raises(ConfigError, match="metalearn.iteratoins"):
+        pipeline.run(REPO, tmp_path / "work", tmp_path / "cache", overrides=["metalearn.iteratoins=7"])
+    assert not (tmp_path / "work" / "bare").exists()

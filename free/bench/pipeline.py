@@ -39,15 +39,16 @@ from free.bench.common import pyplot, savefig
 BIN = Path(sys.executable).parent
 
 
-def copy_project(source: Path, dest: Path) -> None:
+def copy_project(source: Path, dest: Path, overrides: list[str] | tuple[str, ...] = ()) -> None:
     """The code of ``source`` (HEAD plus the change under test), without what its user ran, as a fresh
-    git repository in ``dest``.
+    git repository in ``dest``, its ``params.yaml`` composed with ``overrides``.
 
     Copies the files git tracks (staged new files included), as they are in the working tree (a
     change under test need not be committed yet); never untracked or ignored ones: ``state/``, run
     results (``dvc.lock``, ``artifacts/``), ``.venv``, caches, ``.dvc/config.local``. ``params.yaml``
     is the one tracked file that running the project rewrites (``dvc exp run -S``, ``free config
-    params``): it is written anew from the copy's own ``params/`` tree, so the copy runs the defaults.
+    params``): it is written anew from the copy's own ``params/`` tree, so the copy runs the defaults
+    (the tiny preset) with ``overrides``.
     """
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=source, capture_output=True, check=True).stdout
     for name in filter(None, listed.decode().split("\0")):
@@ -56,7 +57,7 @@ def copy_project(source: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
     (dest / ".dvc" / "config.local").unlink(missing_ok=True)  # machine credentials stay with their machine
     env = {**os.environ, "FREE_CONFIG_DIR": str(dest / "params")}
-    write_params = [sys.executable, "-m", "free", "config", "params"]
+    write_params = [sys.executable, "-m", "free", "config", "params", *overrides]
     subprocess.run(write_params, cwd=dest, env=env, check=True, capture_output=True)
     git = ["git", "-c", "user.name=free-bench", "-c", "user.email=bench@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
@@ -129,9 +130,17 @@ def _headline(project: Path) -> dict[str, Any]:
     return {k: v["acc"] for k, v in metrics.items() if isinstance(v, dict)}
 
 
-def run(source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = print, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """The three front doors on the tiny preset with ``overrides`` (the same for each: the copies'
+    ``params.yaml``, and the deployment run's parameters); an override that chooses an experiment
+    replaces the tiny preset."""
     from free import stack
+    from free.config import params_yaml, with_default_experiment
 
+    overrides = list(overrides or [])
+    params_yaml(with_default_experiment(overrides))  # a bad override fails here, naming itself
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -146,7 +155,7 @@ def run(source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = 
     projects = {name: work / name for name in ("bare", "dvc", "prefect")}
     for project in projects.values():
         project.mkdir()
-        copy_project(source, project)
+        copy_project(source, project, overrides)
 
     runs: dict[str, dict[str, Any]] = {}
     commands = {
@@ -177,6 +186,9 @@ def run(source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = 
         stack_seconds = time.perf_counter() - started
         client = {**env, **stack.client_env(settings), "FREE_CONFIG_DIR": str(projects["prefect"] / "params")}
         argv = [str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch"]
+        if overrides:  # the flow's own experiment parameter (tiny) off: the copies' composition exactly
+            composed = with_default_experiment(overrides)
+            argv += ["--params", json.dumps({"experiment": "", "overrides": composed})]
         say("prefect: prefect deployment run free/full-pipeline --watch (first run, then no-op rerun)")
         load = os.getloadavg()[0]
         parts = {}
@@ -200,7 +212,8 @@ def run(source: Path, work: Path, cache_dir: Path, say: Callable[[str], None] = 
     metrics = {name: _headline(project) for name, project in projects.items()}
     bare = runs["bare"]["seconds"]
     return {
-        "params": (source / "params.yaml").read_text(),
+        "overrides": overrides,
+        "params": (projects["bare"] / "params.yaml").read_text(),
         "stack_up_seconds": stack_seconds,
         "runs": runs,
         "overhead_vs_bare": {name: r["seconds"] - bare for name, r in runs.items()},
@@ -219,6 +232,7 @@ def plot(result: dict[str, Any], json_path: Path) -> Path:
     ax.bar([x - 0.2 for x in xs], [result["runs"][n]["seconds"] for n in names], width=0.4, label="first run")
     ax.bar([x + 0.2 for x in xs], [result["runs"][n]["noop_seconds"] for n in names], width=0.4, label="no-op rerun")
     ax.set_xticks(list(xs), names)
-    ax.set(ylabel="wall time (s)", title=f"tiny pipeline; stack up once: {result['stack_up_seconds']:.0f} s")
+    preset = " ".join(["tiny", *result.get("overrides", [])])
+    ax.set(ylabel="wall time (s)", title=f"{preset} pipeline; stack up once: {result['stack_up_seconds']:.0f} s")
     ax.legend()
     return savefig(fig, json_path)

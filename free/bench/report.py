@@ -180,6 +180,8 @@ def evaluation(result: dict[str, Any]) -> str:
 
 def pipeline(result: dict[str, Any]) -> str:
     lines = ["| front door | first run (s) | no-op rerun (s) | command |", "|---|---|---|---|"]
+    if result.get("overrides"):  # on top of the tiny preset, for all three front doors
+        lines[:0] = [f"The tiny preset with `{' '.join(result['overrides'])}`, for each front door:", ""]
     for name, r in result["runs"].items():
         program, _, rest = r["command"].partition(" ")  # drop the venv path of the program
         command = f"{Path(program).name} {rest}"

@@ -171,12 +171,13 @@ def bench_eval(
 @friendly_errors
 @stack_errors
 def bench_pipeline(
+    overrides: Overrides = None,
     out_file: BenchOut = None,
     work: Annotated[Path, typer.Option(help="Scratch folder for the project copies (emptied first).")] = BENCH_WORK
     / "pipeline",
 ) -> None:
-    """The tiny pipeline (params.yaml) through `prefect deployment run` vs `dvc repro` vs bare `free pipeline`,
-    and each rerun with nothing changed."""
+    """The tiny pipeline through `prefect deployment run` vs `dvc repro` vs bare `free pipeline`, and each
+    rerun with nothing changed. Overrides (e.g. metalearn.iterations=100) apply to all three."""
     from free.bench import pipeline
 
     source = Path.cwd()
@@ -185,7 +186,7 @@ def bench_pipeline(
             f"run `free bench pipeline` from the project root (no dvc.yaml/params.yaml in {source})"
         )
     cache = Path(compose_config([]).paths.cache_dir)
-    result = pipeline.run(source, work.resolve(), cache, say=out.print)
+    result = pipeline.run(source, work.resolve(), cache, say=out.print, overrides=overrides)
     _bench_done("pipeline", result, out_file, pipeline.plot)
 
 

@@ -468,3 +468,23 @@ def test_bench_eval_end_to_end(real_omniglot_root: Path, tmp_path: Path) -> None
 def test_bench_eval_rejects_a_bad_list() -> None:
     result = runner.invoke(app, ["bench", "eval", "--batches", "ten"])
     assert result.exit_code == 2 and "comma-separated integers" in result.output
+
+
+def test_pipeline_noop_reruns_report_their_median_run_and_each() -> None:
+    """`free bench pipeline --reruns 3`: the no-op column is a rerun that happened (the lower middle),
+    and the text lists every rerun; one rerun renders as before."""
+    from free.bench.pipeline import _noop
+    from free.bench.report import pipeline as render
+
+    assert _noop([9.0]) == {"noop_seconds": 9.0}
+    assert _noop([12.8, 9.7, 10.1]) == {"noop_seconds": 10.1, "noop_runs": [12.8, 9.7, 10.1]}
+    assert _noop([9.9, 10.4, 9.7, 11.0])["noop_seconds"] == 9.9  # even count: a run, not a mean
+    runs = {
+        "bare": {"command": "/v/bin/free pipeline", "seconds": 40.0, **_noop([2.0, 1.9, 2.2])},
+        "dvc": {"command": "/v/bin/dvc repro", "seconds": 50.0, **_noop([0.7, 0.8, 0.7])},
+    }
+    text = render({"runs": runs, "identical_metrics": True, "stack_up_seconds": 12.0})
+    assert "| bare | 40.0 | 2.0 | `free pipeline` |" in text
+    assert "No-op reruns: 3 per front door, the median above (bare 2.0, 1.9, 2.2; dvc 0.7, 0.8, 0.7 s)." in text
+    single = {name: {k: v for k, v in r.items() if k != "noop_runs"} for name, r in runs.items()}
+    assert "No-op reruns" not in render({"runs": single, "identical_metrics": True, "stack_up_seconds": 12.0})

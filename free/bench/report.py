@@ -187,6 +187,11 @@ def pipeline(result: dict[str, Any]) -> str:
         command = f"{Path(program).name} {rest}"
         lines.append(f"| {name} | {r['seconds']:.1f} | {r['noop_seconds']:.1f} | `{command}` |")
     lines.append("")
+    reruns = {name: r["noop_runs"] for name, r in result["runs"].items() if r.get("noop_runs")}
+    if reruns:  # the no-op column is their median
+        each = "; ".join(f"{name} {', '.join(f'{s:.1f}' for s in runs)}" for name, runs in reruns.items())
+        lines.append(f"No-op reruns: {len(next(iter(reruns.values())))} per front door, the median above ({each} s).")
+        lines.append("")
     same = "identical" if result["identical_metrics"] else "**different**"
     lines.append(
         f"`free stack up` (once per machine): {result['stack_up_seconds']:.1f} s. "

@@ -175,6 +175,9 @@ def bench_pipeline(
     out_file: BenchOut = None,
     work: Annotated[Path, typer.Option(help="Scratch folder for the project copies (emptied first).")] = BENCH_WORK
     / "pipeline",
+    reruns: Annotated[
+        int, typer.Option(min=1, help="No-op reruns after each first run; their median is reported.")
+    ] = 1,
 ) -> None:
     """The tiny pipeline through `prefect deployment run` vs `dvc repro` vs bare `free pipeline`, and each
     rerun with nothing changed. Overrides (e.g. metalearn.iterations=100) apply to all three."""
@@ -186,7 +189,7 @@ def bench_pipeline(
             f"run `free bench pipeline` from the project root (no dvc.yaml/params.yaml in {source})"
         )
     cache = Path(compose_config([]).paths.cache_dir)
-    result = pipeline.run(source, work.resolve(), cache, say=out.print, overrides=overrides)
+    result = pipeline.run(source, work.resolve(), cache, say=out.print, overrides=overrides, reruns=reruns)
     _bench_done("pipeline", result, out_file, pipeline.plot)
 
 

@@ -63,7 +63,9 @@ bench: setup  ## all benchmarks as in docs/RESULTS.md -> benchmarks/results/*.js
 	$(BIN)/free bench eval experiment=tiny --episodes 50 --batches 10,50 --threads 1,2
 	$(BIN)/free bench eval experiment=omniglot --episodes 20 --batches 10,20 --threads 2 --out benchmarks/results/eval-omniglot.json
 	$(BIN)/python benchmarks/profile_hotpaths.py --compile
-	$(BIN)/free bench pipeline
+	$(BIN)/free bench pipeline --reruns 5
+	$(BIN)/free bench pipeline metalearn.iterations=100 --out benchmarks/results/pipeline_long.json
+	$(BIN)/python benchmarks/stack_idle_cpu.py
 	$(BIN)/free bench accuracy experiment=tiny evaluate.episodes=100 --seeds 1
 	$(BIN)/free bench units experiment=mini_imagenet
 

@@ -547,13 +547,20 @@ def _await_all(
 
 def down(settings: StackSettings, say: Callable[[str], None] = print, grace: float = 20.0) -> None:
     """Stop the recorded services in reverse start order, each by its whole process group (SIGTERM,
-    then SIGKILL to what is left after ``grace`` seconds)."""
+    then SIGKILL to what is left after ``grace`` seconds). A pool worker's flow runs, each in a process
+    group of its own, are stopped first the same way: nothing of a run works on after ``down``; the
+    next ``up`` records them Crashed (:func:`flows.recovery.reconcile`)."""
     state = _read_state(settings)
     markers = {s.name: s.marker for s in services(settings)}
     for name in reversed(list(state["services"])):
         record = state["services"][name]
         pgid = record.get("pgid") or record.get("pid")
         members = _members(record, markers.get(name, name))
+        runs = _own_groups_of_children(members, pgid) if name == "worker" else []
+        if runs:  # before the worker: it sees its runs end, and stops at once instead of waiting for them
+            left = _stop_groups(runs, grace)
+            said = f"{name:8s} stopped its flow runs (process groups {', '.join(map(str, runs))})"
+            say(said + (f"; {', '.join(map(str, left))} did not stop even on SIGKILL" if left else ""))
         if not members:
             say(f"{name:8s} was not running")
         elif not _stop_group(record, markers.get(name, name), grace):
@@ -568,6 +575,42 @@ def down(settings: StackSettings, say: Callable[[str], None] = print, grace: flo
     for port in range(a, a + 9):  # weed's gRPC sockets are always written to /tmp
         for path in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
             path.unlink(missing_ok=True)
+
+
+def _own_groups_of_children(members: list[psutil.Process], pgid: int | None) -> list[int]:
+    """Process groups other than ``pgid`` that descendants of ``members`` lead or belong to: the flow
+    runs a process worker (``free stack up --work-pool``) starts each in a session of its own, which
+    a signal to the worker's group does not reach (Prefect's worker, told to stop, waits for them)."""
+    groups: set[int] = set()
+    for proc in members:
+        try:
+            children = proc.children(recursive=True)
+        except psutil.Error:
+            continue
+        for child in children:
+            try:
+                group = os.getpgid(child.pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+            if group != pgid:
+                groups.add(group)
+    return sorted(groups)
+
+
+def _stop_groups(groups: list[int], grace: float) -> list[int]:
+    """SIGTERM each group (what a flow run's process takes as "crash": it ends its MLflow runs), SIGKILL
+    what is left after ``grace`` seconds; the groups with a live process still (none, normally)."""
+    for group in groups:
+        _signal_group(group, signal.SIGTERM)
+    deadline = time.time() + grace
+    while time.time() < deadline and any(_group_alive(g) for g in groups):
+        time.sleep(0.2)
+    for group in [g for g in groups if _group_alive(g)]:
+        _signal_group(group, signal.SIGKILL)
+    deadline = time.time() + 5
+    while time.time() < deadline and any(_group_alive(g) for g in groups):
+        time.sleep(0.1)
+    return [g for g in groups if _group_alive(g)]
 
 
 def _stop_group(record: dict, marker: str, grace: float = 20.0) -> bool:

@@ -247,3 +247,37 @@ def test_down_kills_what_ignores_sigterm_and_half_dead_groups(tmp_path: Path) ->
     stack.down(settings, say=lines.append, grace=1)
     assert group_members(pgid) == [], lines
     assert "half-dead" in lines[0] and f"process group {pgid}: 1 processes" in lines[0], lines
+
+
+def test_down_stops_the_runs_a_pool_worker_started_in_sessions_of_their_own(tmp_path: Path) -> None:
+    """A stand-in ``worker`` service whose child leads a session of its own (as Prefect's process worker
+    starts each flow run) with a grandchild (the run's stage), and a stranger's session beside it:
+    down stops the worker's run group with all in it, then the worker; the stranger lives on."""
+    settings = stack.StackSettings(state_dir=tmp_path / "state", project_dir=tmp_path, worker=True)
+    settings.state_dir.mkdir()
+    tag = f"{settings.state_dir}#worker"
+    sleep = "import time; time.sleep(600)"
+    run = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleep!r}]); time.sleep(600)"
+    leader = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {run!r}], "
+         "start_new_session=True); print(p.pid, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, stack.TAG: tag}, start_new_session=True,
+    )  # fmt: skip
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    run_group = int(leader.stdout.readline())
+    try:
+        while len(group_members(run_group)) < 2:
+            time.sleep(0.1)
+        record = {"pid": leader.pid, "pgid": leader.pid, "tag": tag, "port": 1, "url": "-", "log": "-", "started": 0}
+        stack._write_state(settings, {"services": {"worker": record}})
+        lines: list[str] = []
+        stack.down(settings, say=lines.append, grace=5)
+        assert lines[0] == f"worker   stopped its flow runs (process groups {run_group})", lines
+        assert group_members(run_group) == [] and group_members(leader.pid) == [], lines
+        assert stranger.poll() is None  # not the worker's: untouched
+    finally:
+        for group in (run_group, leader.pid, stranger.pid):
+            if group_members(group):
+                os.killpg(group, signal.SIGKILL)
+        leader.wait()
+        stranger.wait()

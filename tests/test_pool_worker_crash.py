@@ -185,3 +185,22 @@ def test_pool_worker_group_killed_then_up_crashes_its_run_and_fails_its_mlflow_r
     assert set(deployments["prefect.resource.id"]) == ids and run.deployment_id is not None
     assert tag["prefect.resource.id"] == [f"prefect.tag.{recovery.POOL_TAG}"] and recovery.POOL_TAG in run.tags
     assert automation.trigger.within.total_seconds() == ZOMBIE_AFTER_SECONDS and automation.enabled
+
+
+def test_stack_down_mid_stage_stops_the_pool_run_it_started_in_a_group_of_its_own(pool_live: PoolLive) -> None:
+    """``free stack down`` while a pool run's stage runs: the run's process group (its flow-run process,
+    ``dvc repro``, the stage), which a signal to the worker's group does not reach, is stopped first;
+    then the worker. Nothing of the run is left. Last in this file: the stack stays down."""
+    live = pool_live
+    run_id = live.submit(["evaluate.episodes=24"])
+    flow_proc = wait_until("the flow run's process", lambda: live.flow_process(run_id), 120)
+    stage_proc = wait_until("the run's teachers stage", lambda: live.run_stage(flow_proc.pid, "teachers"), 240)
+    flow_group, worker_group = os.getpgid(flow_proc.pid), live.worker()["pgid"]
+    assert flow_group != worker_group and stage_proc.pid in group_members(flow_group)
+    lines: list[str] = []
+    started = time.time()
+    stack.down(live.settings, say=lines.append)
+    print(f"down in {time.time() - started:.1f} s: {lines}")
+    assert lines[0] == f"worker   stopped its flow runs (process groups {flow_group})", lines
+    assert group_members(flow_group) == [] and group_members(worker_group) == []
+    assert not _alive(stage_proc.pid) and recovery.run_processes(run_id) == []

@@ -232,12 +232,15 @@ def test_no_meta_test_class_reaches_training(trained: tuple[Path, Path]) -> None
 
 @pytest.mark.data
 def test_tiny_pipeline_on_real_omniglot(real_omniglot_root: Path, tmp_path: Path) -> None:
-    """`free pipeline experiment=tiny` end to end (about a minute on 2 cores)."""
+    """`free pipeline experiment=tiny` end to end, meta-training cut to 6 iterations (the deployment
+    tests run the full tiny preset; this one is about the one-process front door)."""
     from typer.testing import CliRunner
 
     from free.cli import app
 
-    args = ["pipeline", "experiment=tiny", f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={tmp_path}"]
+    iterations = 6
+    args = ["pipeline", "experiment=tiny", f"dataset.root={real_omniglot_root}", f"paths.artifacts_dir={tmp_path}",
+            f"metalearn.iterations={iterations}", "metalearn.val_every=3", "metalearn.checkpoint_every=3"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics" / "metatest.json").read_text())
@@ -247,7 +250,7 @@ def test_tiny_pipeline_on_real_omniglot(real_omniglot_root: Path, tmp_path: Path
     bank = read_json(tmp_path / "taskcache" / "manifest.json")
     assert len(bank["teachers"]) >= 2  # every recovered teacher is kept, not only the last one
     generator = read_json(tmp_path / "generator" / "recovery.json")["tasks"]
-    assert len(generator) == 20 * 2 and all(len(t["curve"]) == 6 for t in generator)  # K=5 steps + final
+    assert len(generator) == iterations * 2 and all(len(t["curve"]) == 6 for t in generator)  # K=5 steps + final
     assert (tmp_path / "plots" / "metatest.png").is_file()
     grids = sorted((tmp_path / "generator" / "samples").glob("teacher_*.png"))
     assert len(grids) == len(bank["teachers"])  # one sample grid per recovered teacher

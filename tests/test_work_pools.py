@@ -180,16 +180,12 @@ def test_a_process_worker_runs_a_flow_run_to_completion(prefect: Prefect, tmp_pa
     assert state["type"] == "COMPLETED", f"{state}\n{worker_log[-3000:]}"
     finished = prefect.get(f"/flow_runs/{run['id']}")
     assert finished["work_pool_name"] == POOL
-    # The run ran in the worker's checkout, with this checkout's code (the smoke flow checks that itself).
-    # The run's last log lines can reach the server's database after the run's final state (the client
-    # sends logs in batches, the server stores them in the background): wait for them, a while.
-    wanted, messages = f"worker ready in {prefect.project}", ""
-    deadline = time.monotonic() + 30
-    while wanted not in messages and time.monotonic() < deadline:
-        logs = prefect.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
-        messages = "\n".join(entry["message"] for entry in logs)
-        time.sleep(0 if wanted in messages else 1)
-    assert wanted in messages, messages[-2000:]
+    # The run ran in the worker's checkout, with this checkout's code (the smoke flow checks that itself):
+    # its report line, as the process worker streams the flow run's output. Not the server's copy of the
+    # run's logs: the flow-run process ships them in batches, and under load its last batch (the tasks' and
+    # the flow body's lines) can be lost as it exits (CI, 2026-12-01: missing 30 s after Completed, while
+    # the worker's stream had them); that is Prefect's delivery, not what this test is about.
+    assert f"worker ready in {prefect.project}" in worker_log, worker_log[-3000:]
 
 
 def test_kubernetes_deployments_register(prefect: Prefect) -> None:

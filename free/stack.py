@@ -597,18 +597,22 @@ def _own_groups_of_children(members: list[psutil.Process], pgid: int | None) -> 
     return sorted(groups)
 
 
-def _stop_groups(groups: list[int], grace: float) -> list[int]:
-    """SIGTERM each group (what a flow run's process takes as "crash": it ends its MLflow runs), SIGKILL
-    what is left after ``grace`` seconds; the groups with a live process still (none, normally)."""
+def _stop_groups(groups: list[int], grace: float, reap: int | None = None) -> list[int]:
+    """SIGTERM each group (a service; a flow run's process takes it as "crash" and ends its MLflow runs),
+    SIGKILL what is left after ``grace`` seconds; the groups with a live process still (none, normally).
+    ``reap``: a leader to reap meanwhile (when it is our child), so its zombie does not keep it alive."""
     for group in groups:
         _signal_group(group, signal.SIGTERM)
     deadline = time.time() + grace
     while time.time() < deadline and any(_group_alive(g) for g in groups):
+        _reap(reap)
         time.sleep(0.2)
-    for group in [g for g in groups if _group_alive(g)]:
+    left = [g for g in groups if _group_alive(g)]
+    for group in left:
         _signal_group(group, signal.SIGKILL)
     deadline = time.time() + 5
-    while time.time() < deadline and any(_group_alive(g) for g in groups):
+    while left and time.time() < deadline and any(_group_alive(g) for g in left):
+        _reap(reap)
         time.sleep(0.1)
     return [g for g in groups if _group_alive(g)]
 
@@ -619,17 +623,7 @@ def _stop_group(record: dict, marker: str, grace: float = 20.0) -> bool:
     if not _members(record, marker):
         return True
     pgid = record.get("pgid") or record["pid"]
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.time() + grace
-    while time.time() < deadline and _group_alive(pgid):
-        _reap(record.get("pid"))
-        time.sleep(0.2)
-    if _group_alive(pgid):
-        _signal_group(pgid, signal.SIGKILL)
-        deadline = time.time() + 5
-        while time.time() < deadline and _group_alive(pgid):
-            _reap(record.get("pid"))
-            time.sleep(0.1)
+    _stop_groups([pgid], grace, reap=record.get("pid"))
     # Zombies keep the group id until their parent (the leader, when it is our child; else init) reaps them.
     deadline = time.time() + 5
     while time.time() < deadline and _signal_group(pgid, 0):

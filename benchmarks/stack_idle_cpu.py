@@ -13,7 +13,6 @@ a core the stack takes from the stages of a deployment run, beside the stages' o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -42,8 +41,7 @@ def group_cpu_seconds(pgid: int) -> float:
 
 def idle_share(settings: stack.StackSettings, seconds: float, settle: float = 15.0) -> dict[str, float]:
     """Percent of one core each service of the running stack uses over ``seconds`` of idle time."""
-    state = json.loads((settings.state_dir / "stack.json").read_text())
-    groups = {name: record.get("pgid") or record["pid"] for name, record in state["services"].items()}
+    groups = {name: service["pgid"] for name, service in stack.status(settings)["services"].items()}
     time.sleep(settle)
     before = {name: group_cpu_seconds(pgid) for name, pgid in groups.items()}
     started = time.perf_counter()

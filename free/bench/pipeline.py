@@ -162,7 +162,8 @@ def run(
     from free.config import params_yaml, with_default_experiment
 
     overrides = list(overrides or [])
-    params_yaml(with_default_experiment(overrides))  # a bad override fails here, naming itself
+    composed = with_default_experiment(overrides)  # what `free config params <overrides>` composes in each copy
+    params_yaml(composed)  # a bad override fails here, naming itself
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -209,7 +210,6 @@ def run(
         client = {**env, **stack.client_env(settings), "FREE_CONFIG_DIR": str(projects["prefect"] / "params")}
         argv = [str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch"]
         if overrides:  # the flow's own experiment parameter (tiny) off: the copies' composition exactly
-            composed = with_default_experiment(overrides)
             argv += ["--params", json.dumps({"experiment": "", "overrides": composed})]
         say(f"prefect: prefect deployment run free/full-pipeline --watch (first run, then {_reruns(reruns)})")
         load = os.getloadavg()[0]

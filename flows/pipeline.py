@@ -4,8 +4,10 @@
 
 1. writes ``params.yaml`` for the preset + overrides (what ``dvc exp run -S`` does) for the run only:
    the file the run found is put back afterwards, failed or not, so a run never edits tracked files;
-2. runs each stage through DVC (``dvc repro --single-item <stage>``), so the lock file, cache and
-   remote are the same whichever front door was used; unchanged stages are skipped by DVC;
+2. runs each stage through DVC (what ``dvc repro --single-item <stage>`` does, in this process; the
+   stage's command in a fresh process forked from a warm interpreter: :mod:`flows.stage_process`), so
+   the lock file, cache and remote are the same whichever front door was used; unchanged stages are
+   skipped by DVC;
 3. logs a parent MLflow run (with the run's ``params.yaml``) and a nested run per stage (with the
    stage's full output), pushes the outputs to the DVC remote, registers the meta-learner and points
    alias ``challenger`` at it;
@@ -32,8 +34,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -48,7 +48,7 @@ from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from rich.markup import escape
 
-from flows import guards, preflight, recovery, tracking
+from flows import guards, preflight, recovery, stage_process, tracking
 from free.config import Config, ConfigError, load_params, params_config, params_yaml
 
 STAGES = ("data", "teachers", "metatrain", "metatest")
@@ -115,16 +115,16 @@ class StageFailed(RuntimeError):
     """``dvc repro`` of a stage exited non-zero; the message ends with the tail of its output."""
 
 
-def _dvc(*args: str, project: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=project,
-        env=dict(os.environ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,  # universal newlines: a tqdm redraw ("\r") arrives as a line of its own
-        bufsize=1,
-    )
+def _dvc_error(err: BaseException) -> str:
+    """DVC's error as ``dvc repro`` prints it: the message and its causes, ``failed to reproduce 'x':
+    failed to run: <cmd>, exited with 1``."""
+    parts: list[str] = []
+    while err is not None and len(parts) < 5:
+        text = str(err) or type(err).__name__
+        if not parts or text not in parts[-1]:
+            parts.append(text)
+        err = err.__cause__
+    return ": ".join(parts)
 
 
 def up_to_date(project: Path, stage: str) -> bool:
@@ -196,7 +196,8 @@ def restore_params(project: Path) -> bool:
 
 @task(cache_policy=NO_CACHE, task_run_name="stage-{stage}")  # no retries: a failed stage fails the same way
 def run_stage(project: Path, stage: str, current: bool | None = None) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``: its output to the task log and ``STAGE_LOGS/<stage>.log``,
+    """``dvc repro --single-item <stage>`` (:func:`flows.stage_process.reproduce`): DVC's messages and the
+    command's output to the task log and ``STAGE_LOGS/<stage>.log``,
     one summary line (ran / restored / skipped, seconds) as a log line and a ``free.stage`` event.
     ``current``: what :func:`up_to_date` said of the stage (None: ask it here)."""
     logger = get_run_logger()
@@ -211,32 +212,37 @@ def run_stage(project: Path, stage: str, current: bool | None = None) -> dict[st
         logger.info("%s", summary)
         _announce("free.stage", f"free.stage.{stage}", summary, {"free.stage.outcome": "skipped"})
         return {"stage": stage, "ran": False, "outcome": "skipped", "seconds": round(time.monotonic() - started, 1)}
-    proc = _dvc("repro", "--single-item", stage, project=project)
-    assert proc.stdout is not None
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     outcome_lines: list[str] = []
     with log_file.open("w") as full:
-        for raw in proc.stdout:
+
+        def emit(raw: str) -> None:
             full.write(raw)
             line = raw.rstrip()
             if not line.strip():
-                continue
+                return
             if is_noise(line):
                 logger.debug("%s", line)
-                continue
+                return
             logger.info("%s", line)
             kept = error_line(line)
             if kept.strip():
                 tail.append(kept)
             if line.startswith(("Running stage", "Stage ")):
                 outcome_lines.append(line)
-    code = proc.wait()
+
+        try:
+            stage_process.reproduce(project, stage, emit)
+            failure = None
+        except Exception as err:  # noqa: BLE001 (DVC's errors and the command's exit: the stage failed)
+            failure = _dvc_error(err)
+            emit(f"ERROR: {failure}\n")  # the last line of the tail, as the command printed it
     seconds = time.monotonic() - started
-    if code != 0:
+    if failure is not None:
         head = f"stage {stage} FAILED after {seconds:.1f} s"
         shown = "\n".join([f"{head}:", *(f"  {line}" for line in tail)])
         _announce("free.stage", f"free.stage.{stage}", shown, {"free.stage.outcome": "failed"})
-        raise StageFailed(f"{head} (dvc repro exit {code}; full output in {log_file}):\n" + "\n".join(tail))
+        raise StageFailed(f"{head} (full output in {log_file}):\n" + "\n".join(tail))
     outcome = stage_outcome(stage, outcome_lines)
     summary = stage_summary(stage, outcome, seconds)
     logger.info("%s", summary)

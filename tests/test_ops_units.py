@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -254,29 +255,37 @@ class _Logged(list):
         self.log(20, msg, *args)
 
 
-def _fake_dvc(tmp_path: Path, script: str):
-    """A stand-in for ``python -m dvc`` that prints what ``script`` prints."""
-    (tmp_path / "fake_dvc.py").write_text(script)
+def _fake_reproduce(tmp_path: Path, script: str):
+    """A stand-in for :func:`flows.stage_process.reproduce` whose stage command is ``script``: run as DVC
+    runs a command (``run_shell``), its exit code raised as DVC raises it."""
+    from dvc.exceptions import ReproductionError
+    from dvc.stage.exceptions import StageCmdFailedError
 
-    def popen(*args: str, project: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(tmp_path / "fake_dvc.py")], cwd=project, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+    from flows import stage_process
 
-    return popen
+    (tmp_path / "fake_stage.py").write_text(script)
+
+    def reproduce(project: Path, stage: str, emit) -> None:
+        emit(f"Running stage '{stage}':\n")
+        code = stage_process.run_shell(f"{sys.executable} fake_stage.py", str(project), dict(os.environ), emit)
+        if code != 0:
+            cause = StageCmdFailedError(f"python -m free {stage}", code)
+            raise ReproductionError(f"failed to reproduce '{stage}'") from cause
+
+    return reproduce
 
 
 def test_run_stage_logs_progress_at_debug_and_announces_one_line(tmp_path: Path, monkeypatch) -> None:
     import flows.pipeline as pipeline
 
     script = f"""import sys
-print("Running stage 'data':")
 print("> python -m free data build")
 sys.stderr.write({RICH_BAR!r} + "\\r" + {RICH_BAR!r} + "\\n")
 print("classes per split: train 150, val 40, test 52")
 print("Updating lock file 'dvc.lock'")
 """
     logged, announced = _Logged(), []
-    monkeypatch.setattr(pipeline, "_dvc", _fake_dvc(tmp_path, script))
+    monkeypatch.setattr(pipeline.stage_process, "reproduce", _fake_reproduce(tmp_path, script))
     monkeypatch.setattr(pipeline, "get_run_logger", lambda: logged)
     monkeypatch.setattr(pipeline, "_announce", lambda *args: announced.append(args))
     info = pipeline.run_stage.fn(tmp_path, "data")
@@ -295,19 +304,17 @@ def test_run_stage_failure_shows_the_tail_of_its_error(tmp_path: Path, monkeypat
     import flows.pipeline as pipeline
 
     script = """import sys
-print("Running stage 'metatest':")
 for i in range(30):
     print(f"line {i}")
 sys.stderr.write("╭──── Traceback ────╮\\n│ /p/episodes.py:76 in __init__ │\\n╰───────────────────╯\\n")
 sys.stderr.write("ValueError: k_shot + q_query = 101 but a class has only 20 images\\n")
-sys.stderr.write("ERROR: failed to reproduce 'metatest': failed to run: python -m free metatest, exited with 1\\n")
-sys.exit(255)
+sys.exit(1)
 """
     announced = []
-    monkeypatch.setattr(pipeline, "_dvc", _fake_dvc(tmp_path, script))
+    monkeypatch.setattr(pipeline.stage_process, "reproduce", _fake_reproduce(tmp_path, script))
     monkeypatch.setattr(pipeline, "get_run_logger", lambda: _Logged())
     monkeypatch.setattr(pipeline, "_announce", lambda *args: announced.append(args))
-    with pytest.raises(pipeline.StageFailed, match=r"stage metatest FAILED after .* s \(dvc repro exit 255") as err:
+    with pytest.raises(pipeline.StageFailed, match=r"stage metatest FAILED after .* s \(full output in ") as err:
         pipeline.run_stage.fn(tmp_path, "metatest")
     ((event, resource, text, labels),) = announced
     lines = text.splitlines()

@@ -1,0 +1,223 @@
+"""A stage of the flow: DVC's ``repro --single-item`` in the flow's process, the stage's command in a
+fresh process forked from a warm interpreter.
+
+``dvc repro --single-item <stage>`` as a process per stage cost each stage that ran about 3 s before
+its first line of work, on 2 cores: DVC's start (0.7 s), then the stage command's Python importing
+torch and the stages (2.0 s) and, on the first ``torch.func`` call, ``torch._dynamo`` (1.0 s).
+Here instead:
+
+* DVC works in the flow's process (:func:`reproduce`: ``Repo.reproduce(single_item=True)``, what the
+  command calls), which has DVC loaded already; so the decisions are DVC's own: changed or not,
+  restored from the run cache, outputs removed before the run, ``dvc.lock`` and the cache after it,
+  the locks meanwhile (DVC releases its repository lock while the command runs, as in the command);
+* the stage command, when it is ``<python> -m free ARGS`` for this very environment (dvc.yaml's
+  ``bin/project-python -m free ...``), runs in a process forked from Python's forkserver, which
+  imported torch and the stages once per flow run (:data:`PRELOAD`); a fresh process per stage, as
+  under DVC, so a stage that dies (OOM, a signal) fails its stage, not the flow. Any other command
+  runs as DVC runs it: ``$SHELL -c <cmd>``.
+
+DVC has no hook for how a stage's command runs: :func:`reproduce` swaps ``dvc.stage.run.cmd_run``
+(DVC 3.x; constraints.txt pins the version, tests/test_stage_process.py checks the lock file it
+writes against the ``dvc repro`` command's) for the time of the call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+# What a stage's process would import first: torch (1.4 s), torch.func's torch._dynamo (1.0 s, on its
+# first call), the CLI and the stages (0.6 s). Imports only: the forkserver starts no threads of its
+# own (OpenBLAS's idle pool is fork-safe, as in a fork-started DataLoader worker).
+PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "free.cli",
+    "free.stages.data",
+    "free.stages.teachers",
+    "free.stages.metatrain",
+    "free.stages.metatest",
+)
+_SHELL_SYNTAX = set("$`|;&<>(){}*?~!\\\n")  # a command needing a shell is run by one
+
+Emit = Callable[[str], None]
+
+
+def free_argv(cmd: str, cwd: Path, env: dict[str, str]) -> list[str] | None:
+    """The ``free`` CLI arguments of ``cmd`` if it is ``<python> -m free ARGS`` and ``<python>`` is this
+    process's environment (``sys.prefix``: dvc.yaml's ``bin/project-python`` picks ``$FREE_PYTHON``, the
+    project's .venv, an activated one or python3); else None, and the command runs as DVC runs it."""
+    if any(char in _SHELL_SYNTAX for char in cmd):
+        return None
+    try:
+        parts = shlex.split(cmd)
+    except ValueError:
+        return None
+    if len(parts) < 3 or parts[1:3] != ["-m", "free"]:
+        return None
+    keys = ("PATH", "FREE_PYTHON", "VIRTUAL_ENV")
+    prefix = _prefix_of(parts[0], str(cwd), tuple(env.get(k, "") for k in keys))
+    return parts[3:] if prefix is not None and os.path.realpath(prefix) == os.path.realpath(sys.prefix) else None
+
+
+@lru_cache(maxsize=8)
+def _prefix_of(executable: str, cwd: str, env_keys: tuple[str, ...]) -> str | None:
+    """``sys.prefix`` of the Python that ``executable`` runs (a wrapper script may pick one), asked of it (30 ms)."""
+    env = {**os.environ, **dict(zip(("PATH", "FREE_PYTHON", "VIRTUAL_ENV"), env_keys, strict=True))}
+    env = {k: v for k, v in env.items() if v}
+    try:
+        done = subprocess.run(
+            [executable, "-c", "import sys; print(sys.prefix)"],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def start_warm() -> None:
+    """Start the forkserver with :data:`PRELOAD` (it imports in the background; the first stage waits
+    for it). Once per process; later calls do nothing."""
+    from multiprocessing import forkserver
+
+    multiprocessing.set_forkserver_preload(list(PRELOAD))
+    forkserver.ensure_running()
+
+
+def run_forked(argv: list[str], cwd: str, env: dict[str, str], emit: Emit) -> int:
+    """``free ARGS`` in a process forked from the warm forkserver, in ``cwd`` with ``env``, its output
+    (stdout and stderr, line by line; a ``\\r`` redraw is a line) to ``emit``. Returns its exit code
+    (negative: the signal that ended it)."""
+    start_warm()
+    context = multiprocessing.get_context("forkserver")
+    reader, writer = context.Pipe(duplex=False)
+    title = " ".join([sys.executable, "-m", "free", *argv])  # what `ps` and a stage's watchers look for
+    proc = context.Process(target=_stage_main, args=(argv, cwd, env, title, writer), name="free-stage")
+    proc.start()
+    writer.close()  # the child holds the only writer: end of file when it (and what it started) ends
+    with os.fdopen(os.dup(reader.fileno()), "r", errors="replace", newline=None) as stream:
+        for line in stream:
+            emit(line)
+    reader.close()
+    proc.join()
+    return proc.exitcode if proc.exitcode is not None else 1
+
+
+def _stage_main(argv: list[str], cwd: str, env: dict[str, str], title: str, out) -> None:  # noqa: ANN001
+    """The forked process: what ``python -m free ARGS`` would be, started in ``cwd`` with ``env``."""
+    import setproctitle
+
+    setproctitle.setproctitle(title)  # first: it needs the C environment where the process found it
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+    out.close()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["free", *argv]
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # lines reach the task log as they are written
+    code: int | str | None = 0
+    try:
+        from free.cli import app
+
+        app(args=argv, prog_name="free")
+    except SystemExit as done:
+        code = done.code
+    finally:
+        # multiprocessing ends its children with os._exit: finish as an interpreter does (wait for
+        # non-daemon threads, then the atexit handlers: log handlers, a Dask cluster's close).
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+    sys.exit(code)
+
+
+def run_shell(cmd: str, cwd: str, env: dict[str, str], emit: Emit) -> int:
+    """``cmd`` as DVC runs it (``$SHELL -c``, without the shell's rc files), its output to ``emit``."""
+    from dvc.stage import run as dvc_run
+
+    proc = subprocess.Popen(
+        dvc_run._make_cmd(dvc_run.get_executable(), cmd), cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        emit(line)
+    return proc.wait()
+
+
+def reproduce(project: Path, stage: str, emit: Emit) -> None:
+    """``dvc repro --single-item <stage>`` in this process, each command of the stage by :func:`run_forked`
+    (a ``free`` command of this environment) or :func:`run_shell`; DVC's messages ("Running stage",
+    "Stage ... is cached", "Updating lock file") and the commands' output to ``emit``. A command that
+    fails raises DVC's ``ReproductionError`` (its cause: ``StageCmdFailedError``, with the exit code)."""
+    from dvc.repo import Repo
+    from dvc.stage import run as dvc_run
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    def cmd_run(dvc_stage, dry: bool = False, run_env: dict | None = None) -> None:  # noqa: ANN001 (DVC's signature)
+        emit(f"Running stage '{dvc_stage.addressing}':\n")
+        kwargs = dvc_run.prepare_kwargs(dvc_stage, run_env=run_env)
+        for cmd in dvc_run._enforce_cmd_list(dvc_stage.cmd):
+            emit(f"> {cmd}\n")
+            if dry:
+                continue
+            argv = free_argv(cmd, Path(kwargs["cwd"]), kwargs["env"])
+            if argv is None:
+                code = run_shell(cmd, kwargs["cwd"], kwargs["env"], emit)
+            else:
+                code = run_forked(argv, kwargs["cwd"], kwargs["env"], emit)
+            if code != 0:
+                raise StageCmdFailedError(cmd, code)
+
+    # In the project's folder, as the command would be: DVC resolves some paths against the working
+    # directory (the flow works there already; this matters to other callers, such as the tests).
+    with contextlib.chdir(project), _dvc_messages(emit), _swapped(dvc_run, "cmd_run", cmd_run):
+        with Repo(str(project)) as repo:
+            repo.reproduce(stage, single_item=True)
+
+
+@contextlib.contextmanager
+def _swapped(module: object, name: str, value: object) -> Iterator[None]:
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
+class _Lines(logging.Handler):
+    def __init__(self, emit: Emit) -> None:
+        super().__init__(logging.INFO)
+        self.emit_line = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.emit_line(record.getMessage() + "\n")
+
+
+@contextlib.contextmanager
+def _dvc_messages(emit: Emit) -> Iterator[None]:
+    """DVC's INFO and above to ``emit`` (what the command prints) instead of its own handlers, which
+    ``import dvc`` points at this process's stdout and stderr."""
+    dvc_logger = logging.getLogger("dvc")
+    handlers, level, propagate = dvc_logger.handlers[:], dvc_logger.level, dvc_logger.propagate
+    dvc_logger.handlers = [_Lines(emit)]
+    dvc_logger.setLevel(logging.INFO)
+    dvc_logger.propagate = False
+    try:
+        yield
+    finally:
+        dvc_logger.handlers = handlers
+        dvc_logger.setLevel(level)
+        dvc_logger.propagate = propagate

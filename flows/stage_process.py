@@ -87,11 +87,27 @@ def _prefix_of(executable: str, cwd: str, env_keys: tuple[str, ...]) -> str | No
 
 def start_warm() -> None:
     """Start the forkserver with :data:`PRELOAD` (it imports in the background; the first stage waits
-    for it). Once per process; later calls do nothing."""
+    for it), and import torch and ``torch._dynamo`` in this process too, in a thread, on the core that
+    the forkserver's imports leave idle: the flow's registration loads the model to check MLflow's
+    input example, and paid 2.4 s for these imports then. Once per process; later calls do nothing."""
     from multiprocessing import forkserver
 
+    global _warming
+    if _warming is None:
+        _warming = threading.Thread(target=_import, args=(PRELOAD[:2],), name="free-import-torch", daemon=True)
+        _warming.start()
     multiprocessing.set_forkserver_preload(list(PRELOAD))
     forkserver.ensure_running()
+
+
+_warming: threading.Thread | None = None
+
+
+def _import(modules: tuple[str, ...]) -> None:
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
 
 
 def run_forked(argv: list[str], cwd: str, env: dict[str, str], emit: Emit) -> int:
@@ -115,9 +131,10 @@ def run_forked(argv: list[str], cwd: str, env: dict[str, str], emit: Emit) -> in
 
 def _stage_main(argv: list[str], cwd: str, env: dict[str, str], title: str, out) -> None:  # noqa: ANN001
     """The forked process: what ``python -m free ARGS`` would be, started in ``cwd`` with ``env``."""
-    import setproctitle
+    os.environ["SPT_NOENV"] = "1"  # the title in argv's space only: the environment stays readable in /proc,
+    import setproctitle  # where recovery finds a run's processes by $FREE_FLOW_RUN_ID (flows/recovery.py)
 
-    setproctitle.setproctitle(title)  # first: it needs the C environment where the process found it
+    setproctitle.setproctitle(title)  # before os.environ changes: it reads the C environment at its start
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()

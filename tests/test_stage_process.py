@@ -42,13 +42,17 @@ def test_the_flows_stages_write_what_the_dvc_repro_command_writes(tmp_path: Path
     monkeypatch.setattr(stage_process, "run_shell", lambda cmd, *rest: shell_runs.append(cmd) or real_shell(cmd, *rest))
     lines: list[str] = []
     titles: set[str] = set()  # of this process's descendants while the stages ran, as `ps` shows them
+    environs: list[bool] = []  # whether a stage's environment in /proc is its forkserver's (recovery reads it)
     running = threading.Event()
 
     def watch() -> None:
         while not running.wait(0.1):
             for child in psutil.Process().children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    titles.add(" ".join(child.cmdline()).strip())
+                    title = " ".join(child.cmdline()).strip()
+                    titles.add(title)
+                    if "-m free --params" in title:
+                        environs.append(child.environ() == child.parent().environ() != {})
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -60,6 +64,7 @@ def test_the_flows_stages_write_what_the_dvc_repro_command_writes(tmp_path: Path
         watcher.join()
     assert shell_runs == []
     assert f"{sys.executable} -m free --params params.yaml teachers" in titles, titles
+    assert environs and all(environs), environs
     said = "".join(lines)
     assert "Running stage 'data':" in said and "Running stage 'teachers':" in said
     assert "trained" in said  # the teachers command's own output came through

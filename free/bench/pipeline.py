@@ -6,8 +6,9 @@ so that no DVC cache or run cache helps a later run), with the same resolved ``p
 * ``bare``    - ``free --params params.yaml pipeline``: the stages in one process, no services;
 * ``dvc``     - ``dvc repro``: one process per stage, DVC hashing deps and outs and writing dvc.lock;
 * ``prefect`` - ``prefect deployment run free/full-pipeline --watch`` through the local stack
-  (Prefect server + worker + MLflow + S3 on free loopback ports): ``dvc repro --single-item`` per
-  stage as a task, plus MLflow runs, ``dvc push`` and model registration.
+  (Prefect server + worker + MLflow + S3 on free loopback ports): each stage a task, DVC's
+  reproduction of it in the flow's process and its command forked from a warm interpreter
+  (``flows/stage_process.py``), plus MLflow runs, ``dvc push`` and model registration.
 
 Then each again with nothing changed (the no-op rerun). ``free stack up`` is timed separately: it
 is paid once per machine, not per run. Wall times are of the whole command, as a user sees them.

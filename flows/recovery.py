@@ -1,14 +1,15 @@
 """What a dead worker leaves behind, cleaned up when a worker starts (issue 13, item 2).
 
 The worker (``python -m flows.serve``) runs each flow run in a child process (Prefect's runner:
-``multiprocessing`` spawn, same process group); the flow runs ``dvc repro``, which runs the stage,
-both in that group too. When the worker dies, Prefect's server keeps the runs RUNNING and MLflow
-keeps their runs RUNNING: nobody is left to report the end. So each flow run records its process
-(:func:`record_process`, an ``on_running`` hook: ``infrastructure_pid = "<host>:<pid>"``, Prefect's
-convention), and a starting worker reconciles (:func:`reconcile`): every RUNNING/PENDING/CANCELLING
-run of our deployments whose process is gone becomes Crashed (``force=True``, with why), its
-processes left over from the dead worker are stopped by process group first, its MLflow runs (parent
-and nested) still RUNNING end FAILED, and ``params.yaml`` is put back.
+``multiprocessing`` spawn, same process group); the flow's stages run in processes forked from a
+forkserver the flow starts (:mod:`flows.stage_process`), all in that group too. When the worker
+dies, Prefect's server keeps the runs RUNNING and MLflow keeps their runs RUNNING: nobody is left to
+report the end. So each flow run records its process (:func:`record_process`, an ``on_running``
+hook: ``infrastructure_pid = "<host>:<pid>"``, Prefect's convention), and a starting worker
+reconciles (:func:`reconcile`): every RUNNING/PENDING/CANCELLING run of our deployments whose
+process is gone becomes Crashed (``force=True``, with why), its processes left over from the dead
+worker are stopped by process group first, its MLflow runs (parent and nested) still RUNNING end
+FAILED, and ``params.yaml`` is put back.
 
 A worker that is never restarted is covered by Prefect's own mechanism: flow runs send heartbeats
 (``serve.HEARTBEAT_SECONDS``) and an automation (:func:`ensure_zombie_automation`) marks a run
@@ -17,7 +18,7 @@ Crashed when they stop; its MLflow runs end FAILED at the next worker start (:fu
 The stack's pool worker (``flows.pool_worker``, a ``prefect worker start`` of pool ``free-local``)
 does the same for the runs of its pool (``reconcile(project, pool=...)``); each worker leaves the
 other's runs alone. A pool run's process is the one the process worker spawned in a session of its
-own (its group is its PID), its parent that worker; ``dvc repro`` and the stage share its group.
+own (its group is its PID), its parent that worker; the forkserver and the stages share its group.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ SERVED_TAG = "served-by-flows.serve"
 # judges them. The stack's pool worker has them beat every 30 s, but a process worker started by hand runs
 # them with Prefect's default period (180 s), so that automation waits three of those.
 POOL_TAG = "free"
-RUN_ENV = "FREE_FLOW_RUN_ID"  # set by record_process in the flow run's process: dvc and the stage inherit it
+RUN_ENV = "FREE_FLOW_RUN_ID"  # set by record_process in the flow run's process; what it starts inherits it
 FLOW_RUN_TAG = "prefect.flow_run_id"  # on the pipeline's MLflow parent run (flows/pipeline.py)
 Say = Callable[[str], None]
 
@@ -61,7 +62,7 @@ def record_process(flow: Any, flow_run: Any, state: Any) -> None:
     ``infrastructure_pid``, so that a later worker can tell whether the run still has a process."""
     from prefect.client.orchestration import get_client
 
-    os.environ[RUN_ENV] = str(flow_run.id)  # marks what the run starts (dvc repro, the stage) as its own
+    os.environ[RUN_ENV] = str(flow_run.id)  # marks what the run starts (the forkserver, the stages) as its own
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")
 
@@ -70,7 +71,7 @@ def end_tracking(flow: Any, flow_run: Any, state: Any) -> None:
     """``on_crashed`` / ``on_cancellation`` hook, run by the worker when a flow run's process ended
     without reporting (killed, out of memory) or was cancelled: what it started is stopped, its MLflow
     runs still RUNNING end FAILED (crashed) or KILLED (cancelled)."""
-    stop_run_processes(str(flow_run.id))  # dvc repro and the stage outlive a killed flow-run process
+    stop_run_processes(str(flow_run.id))  # the forkserver and a stage outlive a killed flow-run process
     status = "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED"
     fail_tracking(str(flow_run.id), f"Prefect flow run {state.name}: {state.message or ''}".strip(), status)
 
@@ -148,7 +149,7 @@ def reconcile(project: Path, say: Say = print, pool: str | None = None) -> list[
                 say(f"flow run {run.name} ({run.id}): recorded on {run.infrastructure_pid}, not here: left alone")
                 continue
             stopped = [stop_orphan(proc)] if verdict == "orphan" else []
-            left = stop_run_processes(str(run.id))  # dvc repro, the stage: if they outlived the flow process
+            left = stop_run_processes(str(run.id))  # the forkserver, a stage: if they outlived the flow process
             stopped += [f"{left} processes it had started"] if left else []
             why = "its worker died and no process of it is left"
             if stopped:
@@ -246,7 +247,7 @@ def _live_workers(client: Any, pool: str, own_name: str) -> list[str]:
 
 
 def stop_orphan(proc: psutil.Process, grace: float = 10.0) -> str:
-    """Stop an orphaned flow-run process with what it started (``dvc repro``, the stage).
+    """Stop an orphaned flow-run process with what it started (the forkserver, the stage).
 
     Its process group is the dead worker's (serve()) or its own (a process worker's run): when that
     group's leader is gone or is the orphan, the whole group is signalled (SIGTERM, SIGKILL after

@@ -119,7 +119,8 @@ def run_forked(argv: list[str], cwd: str, env: dict[str, str], emit: Emit) -> in
     reader, writer = context.Pipe(duplex=False)
     title = " ".join([sys.executable, "-m", "free", *argv])  # what `ps` and a stage's watchers look for
     proc = context.Process(target=_stage_main, args=(argv, cwd, env, title, writer), name="free-stage")
-    proc.start()
+    with _main_unnamed():
+        proc.start()
     writer.close()  # the child holds the only writer: end of file when it (and what it started) ends
     with os.fdopen(os.dup(reader.fileno()), "r", errors="replace", newline=None) as stream:
         for line in stream:
@@ -127,6 +128,26 @@ def run_forked(argv: list[str], cwd: str, env: dict[str, str], emit: Emit) -> in
     reader.close()
     proc.join()
     return proc.exitcode if proc.exitcode is not None else 1
+
+
+@contextlib.contextmanager
+def _main_unnamed() -> Iterator[None]:
+    """Without a name or file on ``__main__`` while a process starts: multiprocessing would otherwise have
+    the child import this process's main module first (as ``__mp_main__``). A flow run's main is
+    Prefect's runner (``flows.serve``, ``prefect.engine``): importing Prefect, MLflow and the flow cost
+    each stage 1-2.5 s. The child runs :func:`_stage_main`, which needs none of it."""
+    main = sys.modules["__main__"]
+    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if key in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        for key in ("__spec__", "__file__"):
+            if key in saved:
+                main.__dict__[key] = saved[key]
+            else:
+                main.__dict__.pop(key, None)
 
 
 def _stage_main(argv: list[str], cwd: str, env: dict[str, str], title: str, out) -> None:  # noqa: ANN001

@@ -107,3 +107,24 @@ def test_a_forked_command_streams_its_output_and_returns_its_exit_code(tmp_path:
     code = stage_process.run_forked(["config", "show", "no_such_key=1"], str(tmp_path), env, lines.append)
     assert code != 0
     assert "no_such_key" in "".join(lines)  # the CLI's error, as the terminal would show it
+
+
+def test_a_forked_stage_does_not_import_the_main_module_of_the_process_that_forks_it(tmp_path: Path) -> None:
+    """A flow run's ``__main__`` is Prefect's runner: multiprocessing would import it again in each
+    stage's process (1-2.5 s). Here a main module that says so when it is imported under another name."""
+    main = tmp_path / "runner.py"
+    main.write_text(
+        "import sys\n"
+        "if __name__ != '__main__':\n"
+        "    print('MAIN IMPORTED AGAIN', flush=True)\n"
+        "else:\n"
+        f"    sys.path.insert(0, {str(REPO)!r})\n"
+        "    from flows import stage_process\n"
+        "    lines, env = [], dict(__import__('os').environ)\n"
+        "    code = stage_process.run_forked(['config', 'show', 'seed=3'], '.', env, lines.append)\n"
+        "    print('child said:', ''.join(lines).count('seed: 3'), 'exit', code)\n"
+    )  # fmt: skip
+    env = {**os.environ, "FREE_CONFIG_DIR": str(REPO / "params")}
+    done = subprocess.run([sys.executable, str(main)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "child said: 1 exit 0" in done.stdout, done.stdout + done.stderr
+    assert "MAIN IMPORTED AGAIN" not in done.stdout + done.stderr

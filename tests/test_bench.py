@@ -488,3 +488,28 @@ def test_pipeline_noop_reruns_report_their_median_run_and_each() -> None:
     assert "No-op reruns: 3 per front door, the median above (bare 2.0, 1.9, 2.2; dvc 0.7, 0.8, 0.7 s)." in text
     single = {name: {k: v for k, v in r.items() if k != "noop_runs"} for name, r in runs.items()}
     assert "No-op reruns" not in render({"runs": single, "identical_metrics": True, "stack_up_seconds": 12.0})
+
+
+def test_pipeline_reads_the_stages_own_clocks_and_the_time_outside_them() -> None:
+    """The finished progress bars of a run's output (redraws end in \\r; unfinished bars and other
+    lines are not clocks), and the report's table of them with each first run less their sum."""
+    from free.bench.pipeline import stage_clocks
+    from free.bench.report import pipeline as render
+
+    output = (
+        "training teachers ━━━━━╸━━━━ 2/4 0:00:03 eta 0:00:03\r"
+        "training teachers ━━━━━━━━━━ 4/4 0:00:05 eta 0:00:00\n"
+        "{\"seconds\": 4.61}\n"
+        "meta-training (free) ━━━━━━━━━━ 20/20 0:01:02 eta 0:00:00\r\n"
+        "meta-test 5way_1shot ━━━━━━━━━━ 2/2 0:00:00 eta 0:00:00\n"
+    )
+    assert stage_clocks(output) == {"training teachers": 5, "meta-training (free)": 62, "meta-test 5way_1shot": 0}
+    runs = {
+        "bare": {"command": "/v/bin/free pipeline", "seconds": 70.0, "noop_seconds": 2.0,
+                 "stage_clocks": {"training teachers": 5, "meta-training (free)": 62}},
+        "prefect": {"command": "/v/bin/prefect deployment run", "seconds": 80.5, "noop_seconds": 9.0,
+                    "stage_clocks": {"training teachers": 4, "meta-training (free)": 60}},
+    }  # fmt: skip
+    text = render({"runs": runs, "identical_metrics": True, "stack_up_seconds": 12.0})
+    assert "| meta-training (free) | 62 | 60 |" in text
+    assert "| **first run outside them** | **3.0** | **16.5** |" in text

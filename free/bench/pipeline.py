@@ -141,6 +141,22 @@ def _noop(seconds: list[float]) -> dict[str, Any]:
     return {"noop_seconds": statistics.median_low(seconds), **({"noop_runs": seconds} if len(seconds) > 1 else {})}
 
 
+# A finished progress bar of a stage: `meta-training (free) ━━━━━━━━ 20/20 0:00:36 eta 0:00:00`.
+_DONE_BAR = re.compile(r"^(?P<label>\S.*?) [━╸╺]+ (?P<n>\d+)/(?P=n) (?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)\b")
+
+
+def stage_clocks(output: str) -> dict[str, int]:
+    """The elapsed clock of each finished progress bar in a run's output (whole seconds, by label: the
+    teachers, meta-training, each meta-test setting): the same work in each front door, timed by the
+    stages themselves. The machine's own speed drifts by tens of percent over minutes (a shared host),
+    so these show how fast the cores were while each front door ran."""
+    clocks: dict[str, int] = {}
+    for line in output.replace("\r", "\n").splitlines():
+        if found := _DONE_BAR.match(line.strip()):
+            clocks[found["label"]] = int(found["h"]) * 3600 + int(found["m"]) * 60 + int(found["s"])
+    return clocks
+
+
 def _headline(project: Path) -> dict[str, Any]:
     metrics = read_json(project / "artifacts" / "metrics" / "metatest.json")
     return {k: v["acc"] for k, v in metrics.items() if isinstance(v, dict)}
@@ -190,8 +206,10 @@ def run(
         say(f"{name}: {' '.join(argv[-3:])} (first run, then {_reruns(reruns)})")
         load = os.getloadavg()[0]
         first = _timed_command(argv, projects[name], env, logs / f"{name}.log")
+        clocks = stage_clocks((logs / f"{name}.log").read_text(errors="replace"))
         again = [_timed_command(argv, projects[name], env, _rerun_log(logs, name, i)) for i in range(reruns)]
         runs[name] = {"command": " ".join(argv), "seconds": first, **_noop(again), **_load(load)}
+        runs[name]["stage_clocks"] = clocks
 
     settings = stack.StackSettings(
         state_dir=work / "state",
@@ -220,6 +238,11 @@ def run(
             seconds = _timed_command(argv, projects["prefect"], client, log)
             split = breakdown(settings.prefect_api_url, log.read_text(), cli_started, time.time())
             done.append({"seconds": seconds, **split})
+            if len(done) == 1:  # the stages' output of the first run, before a rerun's "skipped" replaces it
+                stage_logs = projects["prefect"] / ".dvc" / "tmp" / "free-stage-logs"
+                shutil.copytree(stage_logs, logs / "prefect-stages")
+                outputs = [log.read_text(errors="replace") for log in sorted(stage_logs.glob("*.log"))]
+                clocks = stage_clocks("".join(outputs))
         noop = _noop([part["seconds"] for part in done[1:]])
         median = next(part for part in done[1:] if part["seconds"] == noop["noop_seconds"])
         runs["prefect"] = {
@@ -228,6 +251,7 @@ def run(
             **noop,
             **_load(load),
             "breakdown": {"first": done[0], "noop": median},
+            "stage_clocks": clocks,
         }
     finally:
         stack.down(settings, say=lambda line: None)

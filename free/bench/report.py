@@ -197,8 +197,25 @@ def pipeline(result: dict[str, Any]) -> str:
         f"`free stack up` (once per machine): {result['stack_up_seconds']:.1f} s. "
         f"Metatest numbers of the three runs: {same}."
     )
+    clocks = {name: r["stage_clocks"] for name, r in result["runs"].items() if r.get("stage_clocks")}
+    if clocks:
+        lines += ["", *pipeline_clocks(result["runs"], clocks)]
     parts = result["runs"].get("prefect", {}).get("breakdown")
     return "\n".join(lines + (["", *pipeline_breakdown(parts)] if parts else []))
+
+
+def pipeline_clocks(runs: dict[str, dict[str, Any]], clocks: dict[str, dict[str, int]]) -> list[str]:
+    """The stages' own clocks per front door (free.bench.pipeline.stage_clocks), and each first run's
+    time outside them: what the front door added, less sensitive to the machine's drift than a ratio."""
+    labels = list(dict.fromkeys(label for door in clocks.values() for label in door))
+    names = list(clocks)
+    outside = [f"**{runs[n]['seconds'] - sum(clocks[n].values()):.1f}**" for n in names]
+    return [
+        f"| stages' own clocks, first run (s) | {' | '.join(names)} |",
+        "|---|" + "---|" * len(names),
+        *(f"| {label} | {' | '.join(str(clocks[n].get(label, '')) for n in names)} |" for label in labels),
+        f"| **first run outside them** | {' | '.join(outside)} |",
+    ]
 
 
 def pipeline_breakdown(parts: dict[str, dict[str, Any]]) -> list[str]:

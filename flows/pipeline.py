@@ -112,15 +112,18 @@ def metrics_line(metrics: dict) -> str:
 
 
 class StageFailed(RuntimeError):
-    """``dvc repro`` of a stage exited non-zero; the message ends with the tail of its output."""
+    """DVC's reproduction of a stage failed (its command exited non-zero, or DVC refused: a missing
+    dependency, a broken lock file); the message ends with the tail of its output."""
 
 
 def _dvc_error(err: BaseException) -> str:
     """DVC's error as ``dvc repro`` prints it: the message and its causes, ``failed to reproduce 'x':
     failed to run: <cmd>, exited with 1``."""
+    from dvc.exceptions import DvcException
+
     parts: list[str] = []
     while err is not None and len(parts) < 5:
-        text = str(err) or type(err).__name__
+        text = str(err) if isinstance(err, DvcException) else f"{type(err).__name__}: {err}"
         if not parts or text not in parts[-1]:
             parts.append(text)
         err = err.__cause__
@@ -236,6 +239,7 @@ def run_stage(project: Path, stage: str, current: bool | None = None) -> dict[st
             failure = None
         except Exception as err:  # noqa: BLE001 (DVC's errors and the command's exit: the stage failed)
             failure = _dvc_error(err)
+            logger.debug("stage %s failed", stage, exc_info=True)  # where, if DVC or this code broke
             emit(f"ERROR: {failure}\n")  # the last line of the tail, as the command printed it
     seconds = time.monotonic() - started
     if failure is not None:

@@ -245,10 +245,10 @@ def test_metrics_line() -> None:
 
 
 class _Logged(list):
-    def log(self, level: int, msg: str, *args) -> None:
+    def log(self, level: int, msg: str, *args, **kwargs) -> None:  # kwargs: exc_info
         self.append((level, msg % args))
 
-    def debug(self, msg: str, *args) -> None:
+    def debug(self, msg: str, *args, **kwargs) -> None:
         self.log(10, msg, *args)
 
     def info(self, msg: str, *args) -> None:

@@ -361,6 +361,8 @@ def full_pipeline(
     all_overrides = [*([f"experiment={experiment}"] if experiment else []), *(overrides or [])]
     # One composition for the whole run (Hydra: about 0.3 s each): the preflight's tracking URI, params.yaml, cfg.
     params_text, cfg = _compose(all_overrides)
+    if likely_to_run(project, params_text):
+        stage_process.start_warm()  # its imports (about 3 s) beside the preflight and tracking's start
     _preflight(project, cfg, push)
     commit = tracking.git_commit(project)  # before params.yaml is replaced for the run
     try:
@@ -378,6 +380,17 @@ def full_pipeline(
     summary = {"mlflow_run_id": parent_id, "metrics": metrics, "model": model, "stages": stages}
     create_markdown_artifact(_report(cfg, parent_id, metrics, model, all_overrides, stages), key="free-pipeline-report")
     return summary
+
+
+def likely_to_run(project: Path, params_text: str | None) -> bool:
+    """Whether a stage will probably run: no ``dvc.lock`` yet, or ``params.yaml`` about to change. Then
+    the forkserver of :mod:`flows.stage_process` starts importing at once, beside the preflight and
+    the tracking's start, instead of when the first stage runs. A wrong guess costs an idle forkserver
+    (a no-op rerun, the usual case with a lock file and the same params, starts none)."""
+    if params_text is None:
+        return False
+    current = project / "params.yaml"
+    return not (project / "dvc.lock").is_file() or not current.is_file() or current.read_text() != params_text
 
 
 def conclude(

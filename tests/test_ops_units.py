@@ -401,3 +401,16 @@ def test_push_outputs_pushes_in_process_and_names_a_failure(tmp_path: Path, monk
         pipeline.push_outputs.fn(other)
     print(failed.value)
     assert "not-a-folder" in str(failed.value), failed.value  # the remote it could not write
+
+
+def test_the_forkserver_starts_early_only_when_a_stage_will_likely_run(tmp_path: Path) -> None:
+    from flows.pipeline import likely_to_run
+
+    text = "seed: 0\n"
+    assert likely_to_run(tmp_path, text)  # a first run: no dvc.lock, no params.yaml
+    (tmp_path / "params.yaml").write_text(text)
+    assert likely_to_run(tmp_path, text)  # params written, nothing run yet
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    assert not likely_to_run(tmp_path, text)  # a no-op rerun
+    assert likely_to_run(tmp_path, "seed: 1\n")  # other params for this run
+    assert not likely_to_run(tmp_path, None)  # the overrides did not compose: the run fails next

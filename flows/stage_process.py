@@ -49,6 +49,7 @@ PRELOAD = (
     "free.stages.metatest",
 )
 _SHELL_SYNTAX = set("$`|;&<>(){}*?~!\\\n")  # a command needing a shell is run by one
+_INTERPRETER_ENV = ("PATH", "FREE_PYTHON", "VIRTUAL_ENV")  # what picks bin/project-python's interpreter
 
 Emit = Callable[[str], None]
 
@@ -65,15 +66,14 @@ def free_argv(cmd: str, cwd: Path, env: dict[str, str]) -> list[str] | None:
         return None
     if len(parts) < 3 or parts[1:3] != ["-m", "free"]:
         return None
-    keys = ("PATH", "FREE_PYTHON", "VIRTUAL_ENV")
-    prefix = _prefix_of(parts[0], str(cwd), tuple(env.get(k, "") for k in keys))
+    prefix = _prefix_of(parts[0], str(cwd), tuple(env.get(k, "") for k in _INTERPRETER_ENV))
     return parts[3:] if prefix is not None and os.path.realpath(prefix) == os.path.realpath(sys.prefix) else None
 
 
 @lru_cache(maxsize=8)
 def _prefix_of(executable: str, cwd: str, env_keys: tuple[str, ...]) -> str | None:
     """``sys.prefix`` of the Python that ``executable`` runs (a wrapper script may pick one), asked of it (30 ms)."""
-    env = {**os.environ, **dict(zip(("PATH", "FREE_PYTHON", "VIRTUAL_ENV"), env_keys, strict=True))}
+    env = {**os.environ, **dict(zip(_INTERPRETER_ENV, env_keys, strict=True))}
     env = {k: v for k, v in env.items() if v}
     try:
         done = subprocess.run(

@@ -35,9 +35,11 @@ from typing import Any
 
 import psutil
 
+from flows import warm_runs
+
 DEPLOYMENTS = ("free/full-pipeline", "promote/promote")
 ACTIVE = ("RUNNING", "PENDING", "CANCELLING")  # a process should exist for these
-WORKER_MODULE = "flows.serve"  # in the command line of the worker that spawned a flow run's process
+WORKER_MODULE = "flows.serve"  # in the command line of the worker that started a flow run's process
 POOL_WORKER_COMMAND = ("worker", "start")  # after `prefect`: a process worker, whose flow-run processes it spawns
 AUTOMATION = "free: crash flow runs whose heartbeats stopped"
 POOL_AUTOMATION = "free: crash work-pool flow runs whose heartbeats stopped"
@@ -183,7 +185,7 @@ def process_of(run: Any) -> tuple[str, psutil.Process | None]:
         started = run.start_time.timestamp() if run.start_time else time.time()
         if proc.status() == psutil.STATUS_ZOMBIE or proc.create_time() > started + 5:
             return "gone", None  # the PID now belongs to a process born after the run started
-        if is_worker(proc.parent()):
+        if is_worker(_past_forkserver(proc.parent())):
             return "served", proc
         return "orphan", proc
     except psutil.Error:
@@ -206,6 +208,18 @@ def is_worker(proc: psutil.Process | None) -> bool:
         Path(part).name == "prefect" and tuple(cmdline[i + 1 : i + 1 + n]) == POOL_WORKER_COMMAND
         for i, part in enumerate(cmdline)
     )
+
+
+def _past_forkserver(proc: psutil.Process | None) -> psutil.Process | None:
+    """``proc``, or its parent when ``proc`` is the forkserver that a worker forks its flow runs from
+    (flows/warm_runs.py). It outlives a dead worker while a run forked from it lives: that run's
+    grandparent is then no worker, and the run an orphan."""
+    try:
+        if proc is not None and any(warm_runs.FORKSERVER_MARK in part for part in proc.cmdline()):
+            return proc.parent()
+    except psutil.Error:
+        return None
+    return proc
 
 
 def pool_worker_name(project: Path) -> str:

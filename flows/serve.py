@@ -2,7 +2,8 @@
 
 ``free stack up`` starts it (service ``worker``) in the project directory with the stack's settings
 in its environment; ``python -m flows.serve`` runs it by hand (set PREFECT_API_URL first). Flow
-runs execute in subprocesses of this one (same process group), in the project directory.
+runs execute in processes forked from a forkserver child of this one that imported the flows and torch
+once (:mod:`flows.warm_runs`), in its process group and the project directory.
 
 Before it takes runs, it cleans up after a worker that died (:func:`flows.recovery.reconcile`): runs
 of these deployments left RUNNING without a process become Crashed, what is left of their processes
@@ -23,7 +24,7 @@ from pathlib import Path
 from prefect.exceptions import TerminationSignal
 from prefect.runner import Runner
 
-from flows import recovery
+from flows import recovery, warm_runs
 from flows.pipeline import full_pipeline
 from flows.promotion import promote_flow
 
@@ -79,6 +80,7 @@ def wait_for_api(timeout: float = API_WAIT_SECONDS) -> None:
 
 
 def main() -> None:
+    warm_runs.install()  # its imports overlap the Prefect server's start (free stack up starts both)
     wait_for_api()
     try:
         recovery.reconcile(Path.cwd(), say=say)

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from flows import guards, recovery
+from flows import guards, recovery, warm_runs
 from free import stack
 from free.stack import TAG
 from tests.helpers_stack import free_port_settings, fresh_project, group_members, stack_up_in, stop_session, wait_until
@@ -323,7 +323,10 @@ def test_a_killed_flow_run_process_under_a_live_worker_takes_its_stage_along(liv
     worker's group, marked by ``$FREE_FLOW_RUN_ID``) and fails the MLflow runs."""
     run_id, stage_proc, parent_id = live.mid_stage([])
     worker_pid = live.worker()["pid"]
-    flow_proc = next(p for p in stage_proc.parents() if p.ppid() == worker_pid)
+    flow_proc = psutil.Process(int(live.flow_run(run_id).infrastructure_pid.rpartition(":")[2]))
+    # Forked from the worker's warm forkserver (flows/warm_runs.py), not spawned by the worker itself.
+    assert warm_runs.FORKSERVER_MARK in " ".join(flow_proc.parent().cmdline())
+    assert flow_proc.parent().ppid() == worker_pid and flow_proc in stage_proc.parents()
     assert stage_proc.pid in {p.pid for p in recovery.run_processes(run_id)}
     flow_proc.kill()
     run = live.ended(run_id, 120)

@@ -23,7 +23,6 @@ writes against the ``dvc repro`` command's) for the time of the call.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -35,6 +34,8 @@ import threading
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
+
+from flows.forking import finish_as_interpreter, main_unnamed, set_title
 
 # What a stage's process would import first: torch (1.4 s), torch.func's torch._dynamo (1.0 s, on its
 # first call), the CLI and the stages (0.6 s). Imports only: the forkserver starts no threads of its
@@ -119,7 +120,7 @@ def run_forked(argv: list[str], cwd: str, env: dict[str, str], emit: Emit) -> in
     reader, writer = context.Pipe(duplex=False)
     title = " ".join([sys.executable, "-m", "free", *argv])  # what `ps` and a stage's watchers look for
     proc = context.Process(target=_stage_main, args=(argv, cwd, env, title, writer), name="free-stage")
-    with _main_unnamed():
+    with main_unnamed():
         proc.start()
     writer.close()  # the child holds the only writer: end of file when it (and what it started) ends
     with os.fdopen(os.dup(reader.fileno()), "r", errors="replace", newline=None) as stream:
@@ -130,32 +131,9 @@ def run_forked(argv: list[str], cwd: str, env: dict[str, str], emit: Emit) -> in
     return proc.exitcode if proc.exitcode is not None else 1
 
 
-@contextlib.contextmanager
-def _main_unnamed() -> Iterator[None]:
-    """Without a name or file on ``__main__`` while a process starts: multiprocessing would otherwise have
-    the child import this process's main module first (as ``__mp_main__``). A flow run's main is
-    Prefect's runner (``flows.serve``, ``prefect.engine``): importing Prefect, MLflow and the flow cost
-    each stage 1-2.5 s. The child runs :func:`_stage_main`, which needs none of it."""
-    main = sys.modules["__main__"]
-    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if key in main.__dict__}
-    main.__spec__ = None
-    main.__dict__.pop("__file__", None)
-    try:
-        yield
-    finally:
-        for key in ("__spec__", "__file__"):
-            if key in saved:
-                main.__dict__[key] = saved[key]
-            else:
-                main.__dict__.pop(key, None)
-
-
 def _stage_main(argv: list[str], cwd: str, env: dict[str, str], title: str, out) -> None:  # noqa: ANN001
     """The forked process: what ``python -m free ARGS`` would be, started in ``cwd`` with ``env``."""
-    os.environ["SPT_NOENV"] = "1"  # the title in argv's space only: the environment stays readable in /proc,
-    import setproctitle  # where recovery finds a run's processes by $FREE_FLOW_RUN_ID (flows/recovery.py)
-
-    setproctitle.setproctitle(title)  # before os.environ changes: it reads the C environment at its start
+    set_title(title)  # before os.environ changes
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()
@@ -173,10 +151,7 @@ def _stage_main(argv: list[str], cwd: str, env: dict[str, str], title: str, out)
     except SystemExit as done:
         code = done.code
     finally:
-        # multiprocessing ends its children with os._exit: finish as an interpreter does (wait for
-        # non-daemon threads, then the atexit handlers: log handlers, a Dask cluster's close).
-        threading._shutdown()  # type: ignore[attr-defined]
-        atexit._run_exitfuncs()
+        finish_as_interpreter()
     sys.exit(code)
 
 

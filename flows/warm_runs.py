@@ -1,87 +1,128 @@
-"""Flow runs forked from a warm interpreter, not spawned cold.
+"""Flow runs forked from a warm interpreter instead of started cold.
 
-Prefect's runner (what :mod:`flows.serve` runs) starts each flow run with multiprocessing's *spawn*
-context (``prefect.flow_engine.run_flow_in_subprocess``): a fresh interpreter that imports Prefect,
-MLflow, DVC and the flows before the run can start, and torch once it has. On 2 cores that was 3.3-3.9 s
-of every run between Pending and Running, a third of a no-op rerun (docs/RESULTS.md §4).
+Prefect's runner (what :mod:`flows.serve` runs) starts each flow run of a deployment it serves as a
+``python -m prefect.engine`` process (``prefect.runner._starter_engine``): a fresh interpreter that
+imports Prefect, loads the flow from its entrypoint (importing MLflow, DVC, Hydra) and, once running,
+torch. On 2 cores that was 3.3-3.9 s of every run between Pending and Running, a third of a no-op
+rerun (docs/RESULTS.md §4).
 
-:func:`install` gives the runner a forkserver instead: one process, started with the worker, that
-imports :data:`PRELOAD` once; each flow run is a fresh fork of it. It is still one process per flow run,
-as with spawn: a run that dies takes nothing else with it, and the runner's control of it (the PID it
-records, cancelling, the exit code) works as before. The forkserver is the worker's child, in its process
-group; it ends once the worker and the runs forked from it have. Recovery
-(:func:`flows.recovery.process_of`) sees through it to the worker.
+:func:`install` has the runner fork that process from a forkserver instead: one process, started with
+the worker, that imported :data:`PRELOAD` once. The child then does what the command does (Prefect's
+``prefect.engine`` as ``__main__``, with the command's environment and working directory), so the
+flow is still loaded from its entrypoint in each run, and a change to the project's code (``flows/``,
+``free/``) takes effect at the next run as before: only third-party libraries are preloaded; after
+upgrading one, restart the worker. It is still one process per flow run: a run that dies takes nothing
+else with it, and the runner's control of it (the PID, cancelling, the exit code) works as before. The
+forkserver is the worker's child, in its process group; it ends once the worker and the runs forked
+from it have. Recovery (:func:`flows.recovery.process_of`) sees through it to the worker.
 
-Prefect has no setting for this context, so :func:`install` replaces the ``multiprocessing`` name that
-``prefect.flow_engine`` sees with one whose spawn context is the forkserver (Prefect 3.x, pinned in
-constraints.txt; tests/test_warm_runs.py runs a served flow and checks that it was forked).
+Prefect has no setting for how the runner starts the process: :func:`install` replaces
+``run_process`` in ``prefect.runner._starter_engine`` (Prefect 3.x, pinned in constraints.txt), and
+passes any other command to Prefect's own. tests/test_warm_runs.py checks the replacement against
+the command; tests/test_orchestration.py runs served deployments through it.
 """
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing
-from collections.abc import Callable
+import os
+import runpy
+import sys
 from multiprocessing import forkserver
 from typing import Any
 
-# What a flow run of the pipeline imports, once per worker rather than once per run. torch and
-# torch._dynamo: the registration loads the model (MLflow's input example check).
+import anyio
+
+from flows.forking import finish_as_interpreter, main_unnamed, set_title
+
+# Third-party libraries a flow run of the pipeline imports (5.7 s on one core; the project's own
+# modules on top of them take 0.1 s and stay fresh). torch: the registration loads the model.
 PRELOAD = (
-    "flows.pipeline",
-    "flows.promotion",
+    "prefect.flow_engine",
+    "prefect.flows",
+    "prefect.artifacts",
+    "mlflow",
+    "mlflow.pyfunc",
+    "mlflow.pytorch",
     "dvc.repo",
     "dvc.stage.run",
-    "free.serving_model",
+    "hydra",
+    "omegaconf",
+    "safetensors.torch",
     "torch",
     "torch._dynamo",
 )
+ENGINE = ["-m", "prefect.engine"]  # after the interpreter: the command the runner starts a flow run with
 FORKSERVER_MARK = "multiprocessing.forkserver"  # in the forkserver's command line (what recovery looks for)
 
 
 def install() -> None:
-    """From now on, this process's runner forks its flow runs from a forkserver that imported
-    :data:`PRELOAD`; the forkserver starts now and imports in the background (the first run waits for
-    it if it must). Call it in the worker only: the forkserver is this process's for anything else
-    that asks multiprocessing for one."""
-    import prefect.flow_engine
+    """From now on this process's runner forks its flow runs from a forkserver that imported
+    :data:`PRELOAD`. The forkserver starts now and imports in the background (a run that comes before
+    it is done waits for it). Call it in the worker only: multiprocessing has one forkserver per
+    process, and this one's preloads are the flow runs'."""
+    import prefect.runner._starter_engine as starter
 
     multiprocessing.set_forkserver_preload(list(PRELOAD))
     forkserver.ensure_running()
-    prefect.flow_engine.multiprocessing = _WarmMultiprocessing(multiprocessing.get_context("forkserver"))
+    if starter.run_process is not run_process:
+        global _prefects_run_process
+        _prefects_run_process = starter.run_process
+        starter.run_process = run_process
 
 
-class _WarmMultiprocessing:
-    """``multiprocessing`` as ``prefect.flow_engine`` sees it: asked for spawn, it gives the forkserver."""
-
-    def __init__(self, context: Any) -> None:
-        self._context = context
-
-    def get_context(self, method: str | None = None) -> Any:
-        return _ForkedContext(self._context) if method == "spawn" else multiprocessing.get_context(method)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(multiprocessing, name)
+_prefects_run_process: Any = None
 
 
-class _ForkedContext:
-    """The forkserver context, whose processes run their target through :func:`_run_to_exit`."""
+async def run_process(
+    command: list[str],
+    *,
+    stream_output: Any = False,
+    task_status: Any = None,
+    task_status_handler: Any = None,
+    env: dict[str, str] | None = None,
+    cwd: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Prefect's ``run_process`` for ``<this interpreter> -m prefect.engine``: the process is forked
+    (:func:`_engine_main`), and the runner gets it as it would the command's (its PID to the task
+    status, through ``task_status_handler``; its exit code once it ends). Output goes where this
+    process's goes, as the command's did (the runner streamed it there). Anything else (another
+    command, or ``kwargs`` such as a new session) goes to Prefect's own."""
+    if command[1:] != ENGINE or os.path.realpath(command[0]) != os.path.realpath(sys.executable) or kwargs:
+        return await _prefects_run_process(
+            command, stream_output=stream_output, task_status=task_status,
+            task_status_handler=task_status_handler, env=env, cwd=cwd, **kwargs,
+        )  # fmt: skip
+    context = multiprocessing.get_context("forkserver")
+    title = " ".join([sys.executable, *ENGINE])  # what `ps` showed for the command
+    process = context.Process(
+        target=_engine_main, args=(ENGINE[1], dict(env or os.environ), cwd, title), name="prefect-engine"
+    )
+    with main_unnamed():
+        process.start()
+    if task_status is not None:
+        task_status.started(task_status_handler(process) if task_status_handler else process.pid)
+    await anyio.to_thread.run_sync(process.join)
+    return process
 
-    def __init__(self, context: Any) -> None:
-        self._context = context
 
-    def Process(self, target: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, **more: Any) -> Any:  # noqa: N802 (multiprocessing's name)
-        return self._context.Process(target=_run_to_exit, args=(target, args, kwargs or {}), **more)
+def _engine_main(module: str, env: dict[str, str], cwd: Any, title: str) -> None:
+    """The forked flow-run process: what ``python -m <module>`` (Prefect's engine) is, in ``cwd`` with ``env``."""
+    set_title(title)  # before os.environ changes
+    if cwd is not None:
+        os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = [sys.executable]
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import Settings
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-
-def _run_to_exit(target: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-    """In the flow run's process: the target, then the exit hooks a spawned process would run at its
-    exit (MLflow's and Prefect's own flushes among them). A forkserver's child leaves by ``os._exit``,
-    which skips them."""
+    # Prefect read its settings from the environment when the forkserver imported it: read them anew
+    # from the run's (its heartbeat period, the control channel's port), as a fresh interpreter would.
+    sys.modules.pop(module, None)  # run anew as __main__, as `-m` does (else runpy warns)
     try:
-        target(*args, **kwargs)
+        with SettingsContext(profile=get_settings_context().profile, settings=Settings()):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:
-        atexit._run_exitfuncs()
+        finish_as_interpreter()

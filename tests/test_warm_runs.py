@@ -1,10 +1,13 @@
 """Flow runs forked from the worker's warm forkserver (flows/warm_runs.py), on real processes.
 
-What Prefect's runner gets once :func:`flows.warm_runs.install` ran: asked for spawn, a forkserver whose
-children find the preloaded modules imported, run their exit hooks, and report exit codes as spawn's do.
-Recovery sees through the forkserver: a run forked from it is its worker's while the worker lives, an
-orphan once it is gone. A served deployment run end to end is tests/test_orchestration.py's (and
-tests/test_worker_crash.py checks that its flow-run process is the forkserver's child).
+What Prefect's runner gets once :func:`flows.warm_runs.install` ran: for ``<python> -m prefect.engine``
+a process forked from a forkserver that imported the preloads, which runs the module as ``__main__``
+with the command's environment and working directory, reads Prefect's settings from that environment,
+shows the command in ``ps``, runs its exit hooks, and reports its exit code through the runner's own
+``task_status_handler``; any other command goes to Prefect's ``run_process``. Recovery sees through the
+forkserver: a run forked from it is its worker's while the worker lives, an orphan once it is gone.
+Served deployment runs go through it in tests/test_orchestration.py, and tests/test_worker_crash.py
+checks a live run's process tree.
 """
 
 from __future__ import annotations
@@ -26,63 +29,86 @@ from tests.helpers_stack import group_members, stop_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Run as __main__ in the forked process, in place of prefect.engine.
 PROBE = """\
 import atexit, json, os, sys
 
 import psutil
+from prefect.settings import get_current_settings
 
-
-def report(out, fail):
-    parent = psutil.Process(os.getppid())
-    seen = {"preloaded": "colorsys" in sys.modules, "parent": parent.cmdline(), "grandparent": parent.ppid()}
-    with open(out, "w") as f:
-        json.dump(seen, f)
-    atexit.register(lambda: open(out + ".exit", "w").close())
-    if fail:
-        raise SystemExit(3)
+me = psutil.Process()
+seen = {
+    "preloaded": "colorsys" in sys.modules,
+    "cwd": os.getcwd(),
+    "env": os.environ.get("PROBE_VALUE"),
+    "heartbeat": get_current_settings().flows.heartbeat_frequency,
+    "title": " ".join(me.cmdline()).strip(),
+    "parent": me.parent().cmdline(),
+    "name": __name__,
+}
+out = os.environ["PROBE_OUT"]
+with open(out, "w") as f:
+    json.dump(seen, f)
+atexit.register(lambda: open(out + ".exit", "w").close())
+sys.exit(3)
 """
 
 RUNNER = """\
 import sys
 
 if __name__ == "__main__":
-    import multiprocessing
+    import os
 
-    import prefect.flow_engine
+    import anyio
+    import prefect.runner._starter_engine as starter
+    from prefect.runner._process_manager import ProcessHandle
 
-    import probe
     from flows import warm_runs
 
-    warm_runs.PRELOAD = ("colorsys",)  # a module nothing else here imports: the children must find it
+    warm_runs.PRELOAD = ("colorsys",)  # a module nothing else here imports: the child must find it
+    warm_runs.ENGINE = ["-m", "probe"]
     warm_runs.install()
-    seen = prefect.flow_engine.multiprocessing
-    assert seen.get_context("fork") is multiprocessing.get_context("fork"), "only spawn is replaced"
-    assert seen.cpu_count is multiprocessing.cpu_count
-    codes = []
-    for i, fail in enumerate((False, True)):
-        process = seen.get_context("spawn").Process(target=probe.report, args=(sys.argv[1] + str(i), fail))
-        process.start()
-        process.join()
-        codes.append(process.exitcode)
-    print(codes)
+    assert starter.run_process is warm_runs.run_process
+
+    class Status:
+        def started(self, value):
+            self.value = value
+
+    async def main():
+        status = Status()
+        env = {**os.environ, "PROBE_VALUE": "from the run", "PROBE_OUT": sys.argv[1],
+               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "45"}
+        process = await starter.run_process([sys.executable, "-m", "probe"], stream_output=True, task_status=status,
+                                            task_status_handler=ProcessHandle, env=env, cwd=sys.argv[2])
+        assert status.value.pid == process.pid
+        other = await starter.run_process([sys.executable, "-c", "print('a plain command')"], stream_output=True)
+        print(status.value.returncode, type(other).__module__, other.returncode)
+
+    anyio.run(main)
 """
 
 
-def test_the_runners_spawn_context_forks_from_a_warm_forkserver(tmp_path: Path) -> None:
+def test_the_engine_command_is_forked_from_a_warm_forkserver(tmp_path: Path) -> None:
     (tmp_path / "probe.py").write_text(PROBE)
     (tmp_path / "runner.py").write_text(RUNNER)
-    out = tmp_path / "seen"
+    out, workdir = tmp_path / "seen", tmp_path / "workdir"
+    workdir.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
     done = subprocess.run(
-        [sys.executable, str(tmp_path / "runner.py"), str(out)], env=env, capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, str(tmp_path / "runner.py"), str(out), str(workdir)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[0, 3]"  # exit codes as a spawned process's
-    for i in range(2):
-        seen = json.loads(Path(f"{out}{i}").read_text())
-        assert seen["preloaded"], "the child did not find the forkserver's preloaded module"
-        assert any(warm_runs.FORKSERVER_MARK in part for part in seen["parent"]), seen["parent"]
-        assert Path(f"{out}{i}.exit").exists(), "the child's exit hooks did not run"
+    # The forked process's exit code through the runner's handle; the plain command ran as Prefect runs it.
+    assert done.stdout.strip().splitlines()[-2:] == ["a plain command", "3 anyio._backends._asyncio 0"], done.stdout
+    seen = json.loads(out.read_text())
+    assert seen["preloaded"], "the child did not find the forkserver's preloaded module"
+    assert seen["name"] == "__main__" and seen["cwd"] == str(workdir) and seen["env"] == "from the run"
+    assert seen["heartbeat"] == 45, "Prefect's settings were not read from the run's environment"
+    assert seen["title"] == f"{sys.executable} -m probe"
+    assert any(warm_runs.FORKSERVER_MARK in part for part in seen["parent"]), seen["parent"]
+    assert Path(f"{out}.exit").exists(), "the child's exit hooks did not run"
 
 
 def test_each_preloaded_module_exists() -> None:

@@ -227,6 +227,19 @@ class Live:
         return run_id, stage_proc, parent.info.run_id
 
 
+def _forked_flow_process(live: Live, run_id: str, stage_proc: psutil.Process) -> psutil.Process:
+    """The run's flow-run process (its recorded PID), checked to be what flows/warm_runs.py makes it: a
+    child of the worker's forkserver, shown as the ``python -m prefect.engine`` it stands for, the
+    stage's ancestor."""
+    flow_proc = psutil.Process(int(live.flow_run(run_id).infrastructure_pid.rpartition(":")[2]))
+    forkserver = flow_proc.parent()
+    assert warm_runs.FORKSERVER_MARK in " ".join(forkserver.cmdline()), forkserver.cmdline()
+    assert forkserver.ppid() == live.worker()["pid"]
+    assert " ".join(flow_proc.cmdline()).strip().endswith(" ".join(warm_runs.ENGINE)), flow_proc.cmdline()
+    assert flow_proc in stage_proc.parents()
+    return flow_proc
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, real_omniglot_root: Path):
     """The stack with its worker in a fresh copy of the project, on free ports; stack down after."""
@@ -267,6 +280,7 @@ def test_worker_group_killed_then_up_crashes_its_run_and_fails_its_mlflow_runs(l
     """``kill -9`` of the worker's whole process group mid-stage (nothing of it can report), then
     ``free stack up``: the run is CRASHED, its MLflow runs FAILED, params.yaml put back."""
     run_id, stage_proc, parent_id = live.mid_stage(["evaluate.episodes=21"])
+    _forked_flow_process(live, run_id, stage_proc)
     assert (live.project / "params.yaml").read_bytes() != live.committed_params  # the run's own
     old = live.worker()["pgid"]
     os.killpg(old, signal.SIGKILL)
@@ -323,10 +337,7 @@ def test_a_killed_flow_run_process_under_a_live_worker_takes_its_stage_along(liv
     worker's group, marked by ``$FREE_FLOW_RUN_ID``) and fails the MLflow runs."""
     run_id, stage_proc, parent_id = live.mid_stage([])
     worker_pid = live.worker()["pid"]
-    flow_proc = psutil.Process(int(live.flow_run(run_id).infrastructure_pid.rpartition(":")[2]))
-    # Forked from the worker's warm forkserver (flows/warm_runs.py), not spawned by the worker itself.
-    assert warm_runs.FORKSERVER_MARK in " ".join(flow_proc.parent().cmdline())
-    assert flow_proc.parent().ppid() == worker_pid and flow_proc in stage_proc.parents()
+    flow_proc = _forked_flow_process(live, run_id, stage_proc)
     assert stage_proc.pid in {p.pid for p in recovery.run_processes(run_id)}
     flow_proc.kill()
     run = live.ended(run_id, 120)

@@ -1,0 +1,54 @@
+"""What a process forked from a forkserver needs to look and end like the process it replaces.
+
+Used for the stages (:mod:`flows.stage_process`) and for the flow runs (:mod:`flows.warm_runs`): each
+is forked from a forkserver that imported the heavy libraries once, and each stands for a command
+(``python -m free ...``, ``python -m prefect.engine``) that would otherwise start a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def main_unnamed() -> Iterator[None]:
+    """Without a name or file on ``__main__`` while a process starts: multiprocessing would otherwise have
+    the child import this process's main module first (as ``__mp_main__``). A flow run's main is
+    Prefect's runner (``flows.serve``, ``prefect.engine``): importing Prefect, MLflow and the flow cost
+    each stage 1-2.5 s. The children here run a function of their own, which needs none of it."""
+    main = sys.modules["__main__"]
+    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if key in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        for key in ("__spec__", "__file__"):
+            if key in saved:
+                main.__dict__[key] = saved[key]
+            else:
+                main.__dict__.pop(key, None)
+
+
+def set_title(title: str) -> None:
+    """Show ``title`` as this process's command line (``ps``, psutil's ``cmdline()``): a forked child
+    would otherwise show its forkserver's. Call it before ``os.environ`` changes (setproctitle reads the
+    C environment when it starts). With ``SPT_NOENV`` it writes argv's space only: the environment stays
+    readable in /proc, where recovery finds a run's processes by ``$FREE_FLOW_RUN_ID``."""
+    os.environ["SPT_NOENV"] = "1"
+    import setproctitle
+
+    setproctitle.setproctitle(title)
+
+
+def finish_as_interpreter() -> None:
+    """End as an interpreter does: wait for non-daemon threads (and what they registered to run then:
+    Prefect's log and event flushes), then the atexit handlers (log handlers, a Dask cluster's close).
+    multiprocessing ends its children with ``os._exit``, which skips both."""
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()

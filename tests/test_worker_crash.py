@@ -27,6 +27,9 @@ from tests.helpers_stack import free_port_settings, fresh_project, group_members
 
 BIN = Path(sys.executable).parent
 STAGE_CMD = "-m free --params params.yaml"  # in the command line of every stage (dvc.yaml)
+# A meta-training that outlasts each slow test (minutes on 2 cores), which kills it: its stage process is
+# there to be found and to outlive what the test kills (the data stage ends within seconds).
+LONG_STAGE = (["metalearn.iterations=3000"], "metatrain")
 
 
 def _alive(pid: int) -> bool:
@@ -163,11 +166,13 @@ class Live:
     def worker(self) -> dict:
         return stack._read_state(self.settings)["services"]["worker"]
 
-    def stage_of(self, pgid: int) -> psutil.Process | None:
-        """A stage's process (``python -m free --params params.yaml <stage>``) in process group ``pgid``."""
+    def stage_of(self, pgid: int, stage: str = "") -> psutil.Process | None:
+        """A stage's process (``python -m free --params params.yaml <stage>``; of ``stage`` if given) in
+        process group ``pgid``."""
         for proc in psutil.process_iter():
             try:
-                if os.getpgid(proc.pid) == pgid and STAGE_CMD in " ".join(proc.cmdline()):
+                command = " ".join(proc.cmdline()).strip()
+                if os.getpgid(proc.pid) == pgid and STAGE_CMD in command and command.endswith(stage):
                     return proc
             except (psutil.Error, OSError):
                 continue
@@ -216,12 +221,14 @@ class Live:
 
         return wait_until(f"MLflow run {parent_id} to end", ended, timeout)
 
-    def mid_stage(self, overrides: list[str], timeout: float = 240) -> tuple[str, psutil.Process, str]:
-        """Submit a run and wait until one of its stages runs and its MLflow parent run is open:
-        (flow run id, the stage's process, the MLflow parent run's id)."""
+    def mid_stage(
+        self, overrides: list[str], stage: str = "", timeout: float = 240
+    ) -> tuple[str, psutil.Process, str]:
+        """Submit a run and wait until one of its stages (``stage`` if given) runs and its MLflow parent
+        run is open: (flow run id, the stage's process, the MLflow parent run's id)."""
         run_id = self.submit(overrides)
         pgid = self.worker()["pgid"]
-        stage_proc = wait_until("a stage of the run", lambda: self.stage_of(pgid), timeout)
+        stage_proc = wait_until(f"a stage of the run {stage}", lambda: self.stage_of(pgid, stage), timeout)
         parent = wait_until("the run's MLflow parent run", lambda: self.parent_run(run_id), 30)
         assert self.flow_run(run_id).state.type.value == "RUNNING"
         return run_id, stage_proc, parent.info.run_id
@@ -306,12 +313,12 @@ def test_worker_group_killed_then_up_crashes_its_run_and_fails_its_mlflow_runs(l
 
 @pytest.mark.slow
 def test_worker_leader_killed_then_up_stops_its_group_and_the_run_ends(live: Live) -> None:
-    """``kill -9`` of the worker's PID only: its flow run, ``dvc repro`` and the stage live on in the
+    """``kill -9`` of the worker's PID only: its forkserver, flow run and stage live on in the
     worker's process group (half-dead); ``up`` stops that group, the run ends CRASHED, MLflow FAILED."""
-    run_id, stage_proc, parent_id = live.mid_stage([])
+    run_id, stage_proc, parent_id = live.mid_stage(*LONG_STAGE)
     record = live.worker()
     members = group_members(record["pgid"])
-    assert stage_proc.pid in members and len(members) >= 3  # flow run, dvc repro, the stage (+ its shell)
+    assert stage_proc.pid in members and len(members) >= 4  # forkserver, flow run, stages' forkserver, stage
     os.kill(record["pid"], signal.SIGKILL)
     wait_until("the leader to die", lambda: record["pid"] not in group_members(record["pgid"]), 20)
     assert stack.status(live.settings)["services"]["worker"]["state"] == "half-dead"
@@ -333,9 +340,9 @@ def test_worker_leader_killed_then_up_stops_its_group_and_the_run_ends(live: Liv
 @pytest.mark.slow
 def test_a_killed_flow_run_process_under_a_live_worker_takes_its_stage_along(live: Live) -> None:
     """``kill -9`` of the flow run's process alone (out of memory, say): the worker marks the run
-    Crashed and its ``on_crashed`` hook stops ``dvc repro`` and the stage (left to init, in the
+    Crashed and its ``on_crashed`` hook stops the stage and its forkserver (left to init, in the
     worker's group, marked by ``$FREE_FLOW_RUN_ID``) and fails the MLflow runs."""
-    run_id, stage_proc, parent_id = live.mid_stage([])
+    run_id, stage_proc, parent_id = live.mid_stage(*LONG_STAGE)
     worker_pid = live.worker()["pid"]
     flow_proc = _forked_flow_process(live, run_id, stage_proc)
     assert stage_proc.pid in {p.pid for p in recovery.run_processes(run_id)}
@@ -354,7 +361,7 @@ def test_a_worker_never_restarted_has_its_run_crashed_by_the_heartbeat_automatio
     heartbeats stop (``ZOMBIE_AFTER_SECONDS`` after the last one); the next start fails its MLflow runs."""
     from flows.serve import HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
 
-    run_id, _, parent_id = live.mid_stage([])
+    run_id, _, parent_id = live.mid_stage(*LONG_STAGE)
     old = live.worker()["pgid"]
     os.killpg(old, signal.SIGKILL)
     killed = time.time()
@@ -370,8 +377,8 @@ def test_a_worker_never_restarted_has_its_run_crashed_by_the_heartbeat_automatio
 @pytest.mark.slow
 def test_stack_down_mid_stage_leaves_no_process_of_the_run(live: Live) -> None:
     """``free stack down`` while a stage runs: the worker's group goes, and with it the flow run,
-    ``dvc repro`` and the stage (they are in that group). Last: the stack stays down."""
-    _, stage_proc, _ = live.mid_stage([])
+    the stage and its forkserver (they are in that group). Last: the stack stays down."""
+    _, stage_proc, _ = live.mid_stage(*LONG_STAGE)
     members = group_members(live.worker()["pgid"])
     assert stage_proc.pid in members
     stack.down(live.settings, say=lambda line: None)

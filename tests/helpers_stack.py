@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -228,3 +230,13 @@ def stack_up_in(settings: Any, machine: Mapping[str, str], cleared: Iterable[str
             yield
         finally:
             stack.down(settings, say=lambda line: None)
+
+
+def run_recorded_here(pid: int) -> SimpleNamespace:
+    """A stand-in flow run whose process is ``pid`` on this host (``infrastructure_pid = host:pid``, as
+    the pipeline's hook records it), started now: what :func:`flows.recovery.process_of` reads."""
+    return SimpleNamespace(
+        id="not-a-real-run",
+        infrastructure_pid=f"{socket.gethostname()}:{pid}",
+        start_time=SimpleNamespace(timestamp=lambda: time.time()),
+    )

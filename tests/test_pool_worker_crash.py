@@ -28,6 +28,7 @@ from tests.helpers_stack import (
     free_port_settings,
     fresh_project,
     group_members,
+    run_recorded_here,
     stack_up_in,
     stop_session,
     wait_until,
@@ -55,11 +56,7 @@ def test_a_flow_run_process_under_a_prefect_worker_is_its_workers_until_that_wor
     )  # fmt: skip
     flow_pid = int(worker.stdout.readline())
     try:
-        run = SimpleNamespace(
-            id="not-a-real-run",
-            infrastructure_pid=f"{recovery.socket.gethostname()}:{flow_pid}",
-            start_time=SimpleNamespace(timestamp=lambda: time.time()),
-        )
+        run = run_recorded_here(flow_pid)
         assert recovery.process_of(run)[0] == "served"
         # A bare PID (what the process worker records before the run's hook) counts only for that run's process.
         assert recovery.process_of(SimpleNamespace(**{**vars(run), "infrastructure_pid": str(flow_pid)}))[0] == (

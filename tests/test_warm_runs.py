@@ -18,14 +18,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 
 from flows import recovery, warm_runs
-from tests.helpers_stack import group_members, stop_session
+from tests.helpers_stack import group_members, run_recorded_here, stop_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,11 +134,7 @@ def test_a_run_forked_under_a_serve_worker_is_its_workers_until_that_worker_dies
     )  # fmt: skip
     flow_pid = int(worker.stdout.readline())
     try:
-        run = SimpleNamespace(
-            id="not-a-real-run",
-            infrastructure_pid=f"{recovery.socket.gethostname()}:{flow_pid}",
-            start_time=SimpleNamespace(timestamp=lambda: time.time()),
-        )
+        run = run_recorded_here(flow_pid)
         forkserver = psutil.Process(flow_pid).parent()
         assert forkserver.ppid() == worker.pid and not recovery.is_worker(forkserver)
         assert recovery.process_of(run)[0] == "served"

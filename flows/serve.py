@@ -80,7 +80,10 @@ def wait_for_api(timeout: float = API_WAIT_SECONDS) -> None:
 
 
 def main() -> None:
-    warm_runs.install()  # its imports overlap the Prefect server's start (free stack up starts both)
+    try:
+        warm_runs.install()  # its imports overlap the Prefect server's start (free stack up starts both)
+    except Exception as err:  # noqa: BLE001 (runs still start, as Prefect starts them: 3 s slower each)
+        say(f"flow runs will start cold (python -m prefect.engine): no warm forkserver: {err!r}")
     wait_for_api()
     try:
         recovery.reconcile(Path.cwd(), say=say)

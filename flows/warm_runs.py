@@ -99,12 +99,16 @@ async def run_process(
     process = context.Process(
         target=_engine_main, args=(ENGINE[1], dict(env or os.environ), cwd, title), name="prefect-engine"
     )
-    with main_unnamed():
-        process.start()
+    await anyio.to_thread.run_sync(_start, process)  # it waits for the forkserver's imports, if they still run
     if task_status is not None:
         task_status.started(task_status_handler(process) if task_status_handler else process.pid)
     await anyio.to_thread.run_sync(process.join)
     return process
+
+
+def _start(process: Any) -> None:
+    with main_unnamed():
+        process.start()
 
 
 def _engine_main(module: str, env: dict[str, str], cwd: Any, title: str) -> None:

@@ -44,8 +44,10 @@ from typing import Any
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
+from prefect.exceptions import TerminationSignal
 from rich.markup import escape
 
 from flows import guards, preflight, recovery, stage_process, tracking
@@ -413,8 +415,8 @@ def conclude(
             raise
         if pushing is not None:
             pushing.result()  # a failed push fails the run (after its retries), as before
-    except BaseException:
-        tracking.finish(cfg, parent_id, "FAILED")
+    except BaseException as err:
+        tracking.finish(cfg, parent_id, ended_status(err))
         raise
     tracking.finish(cfg, parent_id, "FINISHED", tags=lineage, metrics=tracking.headline(metrics))
     return metrics, model
@@ -529,12 +531,26 @@ def _run_stages(project: Path, cfg: Config, params: dict, parent_id: str) -> lis
                 track_stage(parent_id, stage, project, cfg, params, info, log_file)
             done.append(info)
         _wait_all(pending)
-    except BaseException:
+    except BaseException as err:
         for future in pending:
             future.wait()  # no nested run starts after its parent ended
-        tracking.finish(cfg, parent_id, "FAILED")
+        tracking.finish(cfg, parent_id, ended_status(err))
         raise
     return done
+
+
+def ended_status(err: BaseException) -> str:
+    """MLflow's end status for the parent run when ``err`` ends the flow: KILLED if the flow run is being
+    cancelled (the runner's SIGTERM reaches the flow as Prefect's TerminationSignal, and the server
+    says Cancelling), else FAILED (a failure; a crash's SIGTERM has no Cancelling state)."""
+    run = FlowRunContext.get()
+    if not isinstance(err, TerminationSignal) or run is None:
+        return "FAILED"
+    try:
+        with get_client(sync_client=True) as client:
+            return "KILLED" if client.read_flow_run(run.flow_run.id).state.is_cancelling() else "FAILED"
+    except Exception:  # noqa: BLE001 (the server may be what went away: then a crash, FAILED)
+        return "FAILED"
 
 
 def _wait_all(futures: list[Any]) -> None:

@@ -274,7 +274,7 @@ def stop_orphan(proc: psutil.Process, grace: float = 10.0) -> str:
     # Never our own group; a live leader other than the orphan is not the dead worker (a shell that started
     # it). A process worker's flow-run process leads a group of its own, which holds just the run's processes.
     if pgid == os.getpgid(0) or (pgid != proc.pid and _alive(pgid)):
-        return _stop_tree(proc, grace)
+        return stop_tree(proc, grace)
     members = _group(pgid)
     _signal_group(pgid, signal.SIGTERM)
     _wait(lambda: not _group(pgid), grace)
@@ -306,7 +306,8 @@ def stop_run_processes(flow_run_id: str, grace: float = 10.0) -> int:
     return len(procs)
 
 
-def _stop_tree(proc: psutil.Process, grace: float) -> str:
+def stop_tree(proc: psutil.Process, grace: float) -> str:
+    """Stop ``proc`` and its descendants (SIGTERM, SIGKILL after ``grace`` s); says what it stopped."""
     try:
         tree = [proc, *proc.children(recursive=True)]
     except psutil.Error:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+import psutil
+
 from flows.forking import finish_as_interpreter, main_unnamed, set_title
 
 # What a stage's process would import first: torch (1.4 s), torch.func's torch._dynamo (1.0 s, on its
@@ -51,6 +53,7 @@ PRELOAD = (
 )
 _SHELL_SYNTAX = set("$`|;&<>(){}*?~!\\\n")  # a command needing a shell is run by one
 _INTERPRETER_ENV = ("PATH", "FREE_PYTHON", "VIRTUAL_ENV")  # what picks bin/project-python's interpreter
+STOP_GRACE = 10.0  # s between SIGTERM and SIGKILL for the stage of an interrupted flow (recovery's grace)
 
 Emit = Callable[[str], None]
 
@@ -123,10 +126,15 @@ def run_forked(argv: list[str], cwd: str, env: dict[str, str], emit: Emit) -> in
     with main_unnamed():
         proc.start()
     writer.close()  # the child holds the only writer: end of file when it (and what it started) ends
-    with os.fdopen(os.dup(reader.fileno()), "r", errors="replace", newline=None) as stream:
-        for line in stream:
-            emit(line)
-    reader.close()
+    try:
+        with os.fdopen(os.dup(reader.fileno()), "r", errors="replace", newline=None) as stream:
+            for line in stream:
+                emit(line)
+    except BaseException:
+        _stop(proc, emit)
+        raise
+    finally:
+        reader.close()
     proc.join()
     return proc.exitcode if proc.exitcode is not None else 1
 
@@ -164,9 +172,32 @@ def run_shell(cmd: str, cwd: str, env: dict[str, str], emit: Emit) -> int:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     )  # fmt: skip
     assert proc.stdout is not None
-    for line in proc.stdout:
-        emit(line)
+    try:
+        for line in proc.stdout:
+            emit(line)
+    except BaseException:
+        _stop(proc, emit)
+        raise
     return proc.wait()
+
+
+def _stop(proc: subprocess.Popen | multiprocessing.process.BaseProcess, emit: Emit) -> None:
+    """Stop the stage of a flow that was interrupted (its run cancelled: Prefect's SIGTERM arrives as an
+    exception while the flow reads the stage's output), with what it started (a shell's command, Dask's
+    workers): SIGTERM, SIGKILL after :data:`STOP_GRACE` s. It ran on before, and multiprocessing's exit
+    waited for it: a cancelled run took 30 s more to end, until the runner killed the flow-run process
+    and its hook the stage."""
+    from flows.recovery import stop_tree
+
+    emit(f"stopping the stage's process {proc.pid}: the flow was interrupted\n")
+    try:
+        stop_tree(psutil.Process(proc.pid), STOP_GRACE)
+    except psutil.Error:
+        pass  # it ended meanwhile
+    if isinstance(proc, subprocess.Popen):
+        proc.wait()
+    else:
+        proc.join()
 
 
 def reproduce(project: Path, stage: str, emit: Emit) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -107,6 +108,30 @@ def test_a_forked_command_streams_its_output_and_returns_its_exit_code(tmp_path:
     code = stage_process.run_forked(["config", "show", "no_such_key=1"], str(tmp_path), env, lines.append)
     assert code != 0
     assert "no_such_key" in "".join(lines)  # the CLI's error, as the terminal would show it
+
+
+def test_a_stage_is_stopped_when_its_flow_is_interrupted(tmp_path: Path) -> None:
+    """A cancelled run's SIGTERM reaches the flow as an exception while it reads a stage's output (here:
+    raised by ``emit``): the stage's process is stopped then, not left to run on (a forked stage is
+    stopped the same way: tests/test_worker_crash.py cancels a live run mid-stage)."""
+    lines: list[str] = []
+
+    def interrupted(line: str) -> None:
+        lines.append(line)
+        if line.startswith("started"):
+            raise KeyboardInterrupt
+
+    marker = str(tmp_path / "stage-marker")  # names the stage's own child (the shell's sleep) in `ps`
+    command = f"echo started; exec -a {marker} sleep 120; echo finished"
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        stage_process.run_shell(f"bash -c '{command}'", str(tmp_path), dict(os.environ), interrupted)
+    assert time.monotonic() - started < 60  # not the stage's 120 s
+    assert lines[-1].startswith("stopping the stage's process "), lines
+    pid = int(lines[-1].split()[4].rstrip(":"))
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert left == [], "what the stage started runs on"
 
 
 def test_a_forked_stage_does_not_import_the_main_module_of_the_process_that_forks_it(tmp_path: Path) -> None:

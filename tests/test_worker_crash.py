@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from flows import guards, recovery, warm_runs
+from flows.pipeline import STAGE_LOGS
 from free import stack
 from free.stack import TAG
 from tests.helpers_stack import free_port_settings, fresh_project, group_members, stack_up_in, stop_session, wait_until
@@ -309,6 +310,31 @@ def test_worker_group_killed_then_up_crashes_its_run_and_fails_its_mlflow_runs(l
     assert not stage_proc.is_running()
     new = live.worker()["pgid"]
     assert set(live.tagged().values()) == {new} and new != old
+
+
+def test_a_cancelled_run_stops_its_stage_puts_params_back_and_ends_its_mlflow_runs_killed(live: Live) -> None:
+    """``prefect flow-run cancel`` mid-stage: the worker signals the flow-run process (forked from its
+    forkserver, flows/warm_runs.py) as it did the command's. The run ends Cancelled, the stage and its
+    forkserver are stopped, ``params.yaml`` is the committed file again, the MLflow runs end KILLED
+    (they ended FAILED before: the flow ended them as for a failure), and the worker lives on."""
+    run_id, stage_proc, parent_id = live.mid_stage(*LONG_STAGE)
+    flow_proc = _forked_flow_process(live, run_id, stage_proc)
+    cancel = subprocess.run(
+        [str(BIN / "prefect"), "flow-run", "cancel", run_id], env={**os.environ, **stack.client_env(live.settings)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    run = live.ended(run_id, 120)
+    print(f"cancelled: {run.state.name}: {run.state.message}")
+    assert run.state.type.value == "CANCELLED", run.state
+    wait_until("the run's processes to stop", lambda: not recovery.run_processes(run_id), 30)
+    assert not stage_proc.is_running() and not flow_proc.is_running()
+    # The flow stopped its stage as the cancellation reached it (the hook would only 30 s later).
+    assert "stopping the stage's process" in (live.project / STAGE_LOGS / "metatrain.log").read_text()
+    assert (live.project / "params.yaml").read_bytes() == live.committed_params
+    assert live.tracking_ended(parent_id, 60).info.status == "KILLED"
+    assert [r.info.status for r in live.nested_runs(parent_id) if r.info.status == "RUNNING"] == []
+    assert _alive(live.worker()["pid"])
 
 
 @pytest.mark.slow

@@ -490,6 +490,22 @@ def test_pipeline_noop_reruns_report_their_median_run_and_each() -> None:
     assert "No-op reruns" not in render({"runs": single, "identical_metrics": True, "stack_up_seconds": 12.0})
 
 
+def test_pipeline_order_names_each_front_door_once_and_is_reported(tmp_path: Path) -> None:
+    """`free bench pipeline --order prefect,dvc,bare`: any order of the three, reported with the result
+    (a bench from before the option ran bare, dvc, prefect); anything else fails before any copy."""
+    from free.bench import pipeline
+    from free.bench.report import pipeline as render
+
+    for bad in (("bare", "dvc"), ("bare", "dvc", "prefect", "bare"), ("bare", "dvc", "airflow")):
+        with pytest.raises(ValueError, match="order must name each of bare, dvc, prefect once"):
+            pipeline.run(Path.cwd(), tmp_path / "work", tmp_path / "cache", order=bad)
+    assert not (tmp_path / "work").exists()
+    runs = {"bare": {"command": "/v/bin/free pipeline", "seconds": 40.0, "noop_seconds": 2.0}}
+    result = {"runs": runs, "identical_metrics": True, "stack_up_seconds": 12.0}
+    assert "Order: bare, dvc, prefect." in render(result)
+    assert "Order: prefect, dvc, bare." in render({**result, "order": ["prefect", "dvc", "bare"]})
+
+
 def test_pipeline_reads_the_stages_own_clocks_and_the_time_outside_them() -> None:
     """The finished progress bars of a run's output (redraws end in \\r; unfinished bars and other
     lines are not clocks), and the report's table of them with each first run less their sum."""

@@ -39,6 +39,7 @@ from free.artifacts import read_json
 from free.bench.common import pyplot, savefig
 
 BIN = Path(sys.executable).parent
+FRONT_DOORS = ("bare", "dvc", "prefect")  # the default order of a bench: bare first
 
 
 def copy_project(source: Path, dest: Path, overrides: list[str] | tuple[str, ...] = ()) -> None:
@@ -169,15 +170,18 @@ def run(
     say: Callable[[str], None] = print,
     overrides: list[str] | None = None,
     reruns: int = 1,
+    order: tuple[str, ...] = FRONT_DOORS,
 ) -> dict[str, Any]:
     """The three front doors on the tiny preset with ``overrides`` (the same for each: the copies'
     ``params.yaml``, and the deployment run's parameters); an override that chooses an experiment
     replaces the tiny preset. Each first run is followed by ``reruns`` no-op reruns: the result's
     ``noop_seconds`` is their median (the lower middle one: a run that happened, whose breakdown
-    is the deployment's ``noop``), ``noop_runs`` all of them."""
-    from free import stack
+    is the deployment's ``noop``), ``noop_runs`` all of them. ``order``: which front door runs
+    first (the host's speed can drift over the minutes a bench takes, against whichever runs last)."""
     from free.config import params_yaml, with_default_experiment
 
+    if sorted(order) != sorted(FRONT_DOORS):
+        raise ValueError(f"order must name each of {', '.join(FRONT_DOORS)} once, got {', '.join(order) or 'none'}")
     overrides = list(overrides or [])
     composed = with_default_experiment(overrides)  # what `free config params <overrides>` composes in each copy
     params_yaml(composed)  # a bad override fails here, naming itself
@@ -202,7 +206,11 @@ def run(
         "bare": [str(BIN / "free"), "--params", "params.yaml", "pipeline"],
         "dvc": [str(BIN / "dvc"), "repro"],
     }
-    for name, argv in commands.items():
+    for name in order:
+        if name == "prefect":
+            stack_seconds, runs[name] = _deployment(projects[name], work, env, logs, overrides, composed, reruns, say)
+            continue
+        argv = commands[name]
         say(f"{name}: {' '.join(argv[-3:])} (first run, then {_reruns(reruns)})")
         load = os.getloadavg()[0]
         first = _timed_command(argv, projects[name], env, logs / f"{name}.log")
@@ -211,9 +219,32 @@ def run(
         runs[name] = {"command": " ".join(argv), "seconds": first, **_noop(again), **_load(load)}
         runs[name]["stage_clocks"] = clocks
 
+    metrics = {name: _headline(project) for name, project in projects.items()}
+    bare = runs["bare"]["seconds"]
+    return {
+        "overrides": overrides,
+        "order": list(order),
+        "params": (projects["bare"] / "params.yaml").read_text(),
+        "stack_up_seconds": stack_seconds,
+        "runs": {name: runs[name] for name in FRONT_DOORS},
+        "overhead_vs_bare": {name: runs[name]["seconds"] - bare for name in FRONT_DOORS},
+        "metatest": metrics,
+        "identical_metrics": all(m == metrics["bare"] for m in metrics.values()),
+        "logs": str(logs),
+    }
+
+
+def _deployment(
+    project: Path, work: Path, env: dict[str, str], logs: Path, overrides: list[str], composed: list[str],
+    reruns: int, say: Callable[[str], None],
+) -> tuple[float, dict[str, Any]]:  # fmt: skip
+    """``free stack up`` for ``project`` (its seconds), then the deployment's first run and ``reruns``
+    no-op reruns through ``prefect deployment run --watch``; the stack goes down after."""
+    from free import stack
+
     settings = stack.StackSettings(
         state_dir=work / "state",
-        project_dir=projects["prefect"],
+        project_dir=project,
         prefect_port=stack.free_port_block(1),
         mlflow_port=stack.free_port_block(1),
         s3_port=stack.free_port_block(1),
@@ -226,7 +257,7 @@ def run(
         started = time.perf_counter()
         stack.up(settings, say=lambda line: None)
         stack_seconds = time.perf_counter() - started
-        client = {**env, **stack.client_env(settings), "FREE_CONFIG_DIR": str(projects["prefect"] / "params")}
+        client = {**env, **stack.client_env(settings), "FREE_CONFIG_DIR": str(project / "params")}
         argv = [str(BIN / "prefect"), "deployment", "run", "free/full-pipeline", "--watch"]
         if overrides:  # the flow's own experiment parameter (tiny) off: the copies' composition exactly
             argv += ["--params", json.dumps({"experiment": "", "overrides": composed})]
@@ -235,17 +266,17 @@ def run(
         done = []
         for log in [logs / "prefect.log", *(_rerun_log(logs, "prefect", i) for i in range(reruns))]:
             cli_started = time.time()
-            seconds = _timed_command(argv, projects["prefect"], client, log)
+            seconds = _timed_command(argv, project, client, log)
             split = breakdown(settings.prefect_api_url, log.read_text(), cli_started, time.time())
             done.append({"seconds": seconds, **split})
             if len(done) == 1:  # the stages' output of the first run, before a rerun's "skipped" replaces it
-                stage_logs = projects["prefect"] / ".dvc" / "tmp" / "free-stage-logs"
+                stage_logs = project / ".dvc" / "tmp" / "free-stage-logs"
                 shutil.copytree(stage_logs, logs / "prefect-stages")
                 outputs = [log.read_text(errors="replace") for log in sorted(stage_logs.glob("*.log"))]
                 clocks = stage_clocks("".join(outputs))
         noop = _noop([part["seconds"] for part in done[1:]])
         median = next(part for part in done[1:] if part["seconds"] == noop["noop_seconds"])
-        runs["prefect"] = {
+        result = {
             "command": " ".join(argv),
             "seconds": done[0]["seconds"],
             **noop,
@@ -257,19 +288,7 @@ def run(
         stack.down(settings, say=lambda line: None)
         os.environ.clear()
         os.environ.update(saved_env)
-
-    metrics = {name: _headline(project) for name, project in projects.items()}
-    bare = runs["bare"]["seconds"]
-    return {
-        "overrides": overrides,
-        "params": (projects["bare"] / "params.yaml").read_text(),
-        "stack_up_seconds": stack_seconds,
-        "runs": runs,
-        "overhead_vs_bare": {name: r["seconds"] - bare for name, r in runs.items()},
-        "metatest": metrics,
-        "identical_metrics": all(m == metrics["bare"] for m in metrics.values()),
-        "logs": str(logs),
-    }
+    return stack_seconds, result
 
 
 def plot(result: dict[str, Any], json_path: Path) -> Path:

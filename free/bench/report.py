@@ -193,9 +193,10 @@ def pipeline(result: dict[str, Any]) -> str:
         lines.append(f"No-op reruns: {len(next(iter(reruns.values())))} per front door, the median above ({each} s).")
         lines.append("")
     same = "identical" if result["identical_metrics"] else "**different**"
+    order = result.get("order", ["bare", "dvc", "prefect"])  # benches before the option ran in this order
     lines.append(
         f"`free stack up` (once per machine): {result['stack_up_seconds']:.1f} s. "
-        f"Metatest numbers of the three runs: {same}."
+        f"Metatest numbers of the three runs: {same}. Order: {', '.join(order)}."
     )
     clocks = {name: r["stage_clocks"] for name, r in result["runs"].items() if r.get("stage_clocks")}
     if clocks:

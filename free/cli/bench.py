@@ -178,6 +178,9 @@ def bench_pipeline(
     reruns: Annotated[
         int, typer.Option(min=1, help="No-op reruns after each first run; their median is reported.")
     ] = 1,
+    order: Annotated[
+        str, typer.Option(help="Which front door runs first, second, third (the host's speed may drift meanwhile).")
+    ] = "bare,dvc,prefect",
 ) -> None:
     """The tiny pipeline through `prefect deployment run` vs `dvc repro` vs bare `free pipeline`, and each
     rerun with nothing changed. Overrides (e.g. metalearn.iterations=100) apply to all three."""
@@ -189,7 +192,10 @@ def bench_pipeline(
             f"run `free bench pipeline` from the project root (no dvc.yaml/params.yaml in {source})"
         )
     cache = Path(compose_config([]).paths.cache_dir)
-    result = pipeline.run(source, work.resolve(), cache, say=out.print, overrides=overrides, reruns=reruns)
+    doors = tuple(name.strip() for name in order.split(",") if name.strip())
+    result = pipeline.run(
+        source, work.resolve(), cache, say=out.print, overrides=overrides, reruns=reruns, order=doors
+    )
     _bench_done("pipeline", result, out_file, pipeline.plot)
 
 

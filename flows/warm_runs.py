@@ -3,7 +3,7 @@
 Prefect's runner (what :mod:`flows.serve` runs) starts each flow run of a deployment it serves as a
 ``python -m prefect.engine`` process (``prefect.runner._starter_engine``): a fresh interpreter that
 imports Prefect, loads the flow from its entrypoint (importing MLflow, DVC, Hydra) and, once running,
-torch. On 2 cores that was 3.3-3.9 s of every run between Pending and Running, a third of a no-op
+torch. On 2 cores that was 3.2-4.0 s of every run between created and running, a third of a no-op
 rerun (docs/RESULTS.md §4).
 
 :func:`install` has the runner fork that process from a forkserver instead: one process, started with

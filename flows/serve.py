@@ -2,8 +2,9 @@
 
 ``free stack up`` starts it (service ``worker``) in the project directory with the stack's settings
 in its environment; ``python -m flows.serve`` runs it by hand (set PREFECT_API_URL first). Flow
-runs execute in processes forked from a forkserver child of this one that imported the flows and torch
-once (:mod:`flows.warm_runs`), in its process group and the project directory.
+runs execute in processes forked from a forkserver child of this one that imported the third-party
+libraries once (Prefect, MLflow, DVC, torch: :mod:`flows.warm_runs`; each run loads the flow anew), in
+its process group and the project directory.
 
 Before it takes runs, it cleans up after a worker that died (:func:`flows.recovery.reconcile`): runs
 of these deployments left RUNNING without a process become Crashed, what is left of their processes

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -24,7 +23,15 @@ from flows import guards, recovery, warm_runs
 from flows.pipeline import STAGE_LOGS
 from free import stack
 from free.stack import TAG
-from tests.helpers_stack import free_port_settings, fresh_project, group_members, stack_up_in, stop_session, wait_until
+from tests.helpers_stack import (
+    free_port_settings,
+    fresh_project,
+    group_members,
+    run_recorded_here,
+    stack_up_in,
+    stop_session,
+    wait_until,
+)
 
 BIN = Path(sys.executable).parent
 STAGE_CMD = "-m free --params params.yaml"  # in the command line of every stage (dvc.yaml)
@@ -118,10 +125,7 @@ def test_an_orphan_left_by_a_dead_worker_is_stopped_with_its_whole_group() -> No
     try:
         assert worker.stdout.readline().strip() == "1"
         flow_process = next(c for c in _children(worker) if "python" in c.name())
-        run = SimpleNamespace(
-            infrastructure_pid=f"{recovery.socket.gethostname()}:{flow_process.pid}",
-            start_time=SimpleNamespace(timestamp=lambda: time.time()),
-        )
+        run = run_recorded_here(flow_process.pid)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
         assert len(group_members(worker.pid)) == 2  # half-dead: the flow-run stand-in and its child

@@ -193,7 +193,9 @@ def pipeline(result: dict[str, Any]) -> str:
         lines.append(f"No-op reruns: {len(next(iter(reruns.values())))} per front door, the median above ({each} s).")
         lines.append("")
     same = "identical" if result["identical_metrics"] else "**different**"
-    order = result.get("order", ["bare", "dvc", "prefect"])  # benches before the option ran in this order
+    from free.bench.pipeline import FRONT_DOORS
+
+    order = result.get("order", FRONT_DOORS)  # benches from before the option ran in this order
     lines.append(
         f"`free stack up` (once per machine): {result['stack_up_seconds']:.1f} s. "
         f"Metatest numbers of the three runs: {same}. Order: {', '.join(order)}."

@@ -7,10 +7,11 @@ torch. On 2 cores that was 3.2-4.0 s of every run between created and running, a
 rerun (docs/RESULTS.md §4).
 
 :func:`install` has the runner fork that process from a forkserver instead: one process, started with
-the worker, that imported :data:`PRELOAD` once. The child then does what the command does (Prefect's
-``prefect.engine`` as ``__main__``, with the command's environment and working directory), so the
-flow is still loaded from its entrypoint in each run, and a change to the project's code (``flows/``,
-``free/``) takes effect at the next run as before: only third-party libraries are preloaded; after
+the worker, that imported :data:`PRELOAD` once, then :mod:`flows.warm_up` (work each run would redo).
+The child then does what the command does (Prefect's ``prefect.engine`` as ``__main__``, with the
+command's environment and working directory), so the flow is still loaded from its entrypoint in
+each run, and a change to the project's code (``flows/``, ``free/``) takes effect at the next run as
+before: only third-party libraries are preloaded (and the warm-up, which holds no flow code); after
 upgrading one, restart the worker. It is still one process per flow run: a run that dies takes nothing
 else with it, and the runner's control of it (the PID, cancelling, the exit code) works as before. The
 forkserver is the worker's child, in its process group; it ends once the worker and the runs forked
@@ -36,7 +37,8 @@ import anyio
 from flows.forking import finish_as_interpreter, main_unnamed, set_title
 
 # Third-party libraries a flow run of the pipeline imports (5.7 s on one core; the project's own
-# modules on top of them take 0.1 s and stay fresh). torch: the registration loads the model.
+# modules on top of them take 0.1 s and stay fresh). torch: the registration loads the model; s3fs: the
+# push to the DVC remote (0.3 s); git: MLflow's run context (0.06 s).
 PRELOAD = (
     "prefect.flow_engine",
     "prefect.flows",
@@ -51,19 +53,23 @@ PRELOAD = (
     "safetensors.torch",
     "torch",
     "torch._dynamo",
+    "s3fs",
+    "git",
 )
+# Imported after PRELOAD: work each run would redo, done once (MLflow's map of installed packages).
+WARM_UP = ("flows.warm_up",)
 ENGINE = ["-m", "prefect.engine"]  # after the interpreter: the command the runner starts a flow run with
 FORKSERVER_MARK = "multiprocessing.forkserver"  # in the forkserver's command line (what recovery looks for)
 
 
 def install() -> None:
     """From now on this process's runner forks its flow runs from a forkserver that imported
-    :data:`PRELOAD`. The forkserver starts now and imports in the background (a run that comes before
-    it is done waits for it). Call it in the worker only: multiprocessing has one forkserver per
+    :data:`PRELOAD`, then :data:`WARM_UP`. The forkserver starts now and imports in the background (a
+    run that comes before it is done waits for it). Call it in the worker only: multiprocessing has one forkserver per
     process, and this one's preloads are the flow runs'."""
     import prefect.runner._starter_engine as starter
 
-    multiprocessing.set_forkserver_preload(list(PRELOAD))
+    multiprocessing.set_forkserver_preload([*PRELOAD, *WARM_UP])
     forkserver.ensure_running()
     if starter.run_process is not run_process:
         global _prefects_run_process

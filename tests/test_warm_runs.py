@@ -64,6 +64,7 @@ if __name__ == "__main__":
     from flows import warm_runs
 
     warm_runs.PRELOAD = ("colorsys",)  # a module nothing else here imports: the child must find it
+    warm_runs.WARM_UP = ()  # MLflow's package map: its own test below
     warm_runs.ENGINE = ["-m", "probe"]
     warm_runs.install()
     assert starter.run_process is warm_runs.run_process
@@ -111,7 +112,33 @@ def test_the_engine_command_is_forked_from_a_warm_forkserver(tmp_path: Path) -> 
 
 def test_each_preloaded_module_exists() -> None:
     """The forkserver skips a module it cannot import without a word: a renamed one would only cost time."""
-    assert [name for name in warm_runs.PRELOAD if importlib.util.find_spec(name) is None] == []
+    preloads = [*warm_runs.PRELOAD, *warm_runs.WARM_UP]
+    assert [name for name in preloads if importlib.util.find_spec(name) is None] == []
+
+
+WARMED = """\
+import sys, time
+
+from mlflow.utils import requirements_utils
+
+assert requirements_utils._MODULES_TO_PACKAGES is None, "built before the warm-up: the test shows nothing"
+import flows.warm_up  # noqa: E402,F401
+
+built = requirements_utils._MODULES_TO_PACKAGES
+started = time.perf_counter()
+requirements_utils._init_packages_to_modules_map()  # what log_model calls: must not build the map again
+assert requirements_utils._MODULES_TO_PACKAGES is built, "log_model would build the map again"
+print(len(built), requirements_utils._PACKAGES_TO_MODULES.get("torch"), f"{time.perf_counter() - started:.3f}")
+"""
+
+
+def test_the_warm_up_leaves_mlflows_package_map_built() -> None:
+    """What the forkserver's last import does for every run forked after it: the map MLflow's
+    ``log_model`` builds to check pip requirements (0.9 s a run) exists, and is the one it reuses."""
+    done = subprocess.run([sys.executable, "-c", WARMED], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    modules, torch_module, _ = done.stdout.split()
+    assert int(modules) > 100 and torch_module.startswith("torch"), done.stdout  # torch provides torch, torchgen, ...
 
 
 WORKER = """\

@@ -316,20 +316,15 @@ def register(parent_id: str, project: Path, cfg: Config, metrics: dict, lineage:
     if same is not None:
         name = cfg.tracking.registered_model
         _say_model(f"unchanged: challenger stays version {same} (same outputs)")
-        unchanged = {"model.name": name, "model.version": same, "model.unchanged": "true"}
-        for key, value in unchanged.items():
-            client.set_tag(parent_id, key, value)
+        tracking.tag_run(client, parent_id, {"model.name": name, "model.version": same, "model.unchanged": "true"})
         return {"name": name, "version": same, "unchanged": True}
-    name, version = tracking.log_model(parent_id, project, cfg, metrics)
-    for key, value in {"model.name": name, "model.version": version}.items():
-        client.set_tag(parent_id, key, value)
     tags = {**lineage, "mlflow.run_id": parent_id, "evaluate.episodes": str(metrics.get("episodes"))}
     tags[tracking.MODEL_DIGEST_TAG] = digest
     for setting, value in metrics.items():
         if isinstance(value, dict):
             tags[f"metatest.{setting}.acc"], tags[f"metatest.{setting}.ci95"] = str(value["acc"]), str(value["ci95"])
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    name, version = tracking.log_model(parent_id, project, cfg, metrics, tags)
+    tracking.tag_run(client, parent_id, {"model.name": name, "model.version": version})
     client.set_registered_model_alias(name, "challenger", version)
     _say_model(f"registered: challenger is version {version}")
     return {"name": name, "version": version, "unchanged": False}

@@ -169,6 +169,11 @@ def log_stage(
     return run_id
 
 
+def tag_run(tracker: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    """Set ``tags`` on run ``run_id`` in one request (a request per tag: 40 ms each on the local stack)."""
+    _log(tracker, run_id, tags=tags)
+
+
 def _log(tracker: MlflowClient, run_id: str, params: dict | None = None, metrics: dict | None = None,
          step: int = 0, tags: dict | None = None) -> None:  # fmt: skip
     now = int(time.time() * 1000)
@@ -313,8 +318,11 @@ def challenger_with_digest(cfg: Config, digest: str) -> str | None:
     return str(version.version) if version.tags.get(MODEL_DIGEST_TAG) == digest else None
 
 
-def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tuple[str, str]:
-    """Log the meta-learner as a pyfunc in the parent run and register it. Returns ``(name, version)``."""
+def log_model(
+    parent_id: str, project: Path, cfg: Config, metrics: dict, tags: dict[str, str] | None = None
+) -> tuple[str, str]:
+    """Log the meta-learner as a pyfunc in the parent run and register it, the version with ``tags``.
+    Returns ``(name, version)``."""
     from free import serving_model
     from free.checkpoints import load_classifier
     from free.serving import CARD, WEIGHTS, input_example, signature
@@ -338,10 +346,12 @@ def log_model(parent_id: str, project: Path, cfg: Config, metrics: dict) -> tupl
             artifacts={WEIGHTS: str(weights), CARD: str(card_path)},
             signature=signature(meta),
             input_example=input_example(meta, min(meta["n_classes"], cfg.evaluate.n_way)),
-            registered_model_name=cfg.tracking.registered_model,
             pip_requirements=model_requirements(),
         )
-    return cfg.tracking.registered_model, str(info.registered_model_version)
+    # Registered here rather than by log_model (registered_model_name): the version is created with its
+    # tags in one request, where a request per tag afterwards took about 0.5 s (11 tags, 40 ms each).
+    version = mlflow.register_model(info.model_uri, cfg.tracking.registered_model, tags=tags)
+    return cfg.tracking.registered_model, str(version.version)
 
 
 class NotUpToDate(RuntimeError):

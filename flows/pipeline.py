@@ -9,8 +9,8 @@
    the lock file, cache and remote are the same whichever front door was used; unchanged stages are
    skipped by DVC;
 3. logs a parent MLflow run (with the run's ``params.yaml``) and a nested run per stage (with the
-   stage's full output), beside the stages, pushes the outputs to the DVC remote, registers the
-   meta-learner and points alias ``challenger`` at it;
+   stage's full output), pushes the outputs to the DVC remote, registers the meta-learner and points
+   alias ``challenger`` at it;
 4. leaves a markdown artifact with the metrics, the stages and links.
 
 What ``--watch`` shows: Prefect's CLI prints the flow run's *events* (the server streams logs only

@@ -36,8 +36,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,33 +259,16 @@ def run_stage(project: Path, stage: str, current: bool | None = None) -> dict[st
 # Tracking tasks: no Prefect retries. MLflow's client retries each call itself, bounded so that an
 # outage fails the run in under 60 s (the arithmetic: flows/tracking.py, HTTP_LIMITS); retrying the
 # task on top multiplied that (4 attempts x MLflow's 4 minutes: 17 minutes before).
-# Both run beside the stages (_run_stages): a failure is announced at once, and fails the run when the
-# stage running meanwhile has ended.
 @task(cache_policy=NO_CACHE)
 def open_tracking(cfg: Config, params: dict, tags: dict[str, str], params_text: str) -> str:
-    with _tracking_announced("opening the parent run"):
-        return tracking.start_parent(cfg, params, tags, params_text)
+    return tracking.start_parent(cfg, params, tags, params_text)
 
 
 @task(cache_policy=NO_CACHE)
 def track_stage(
     parent_id: str, stage: str, project: Path, cfg: Config, params: dict, info: dict, log_file: Path
 ) -> str:
-    with _tracking_announced(f"logging stage {stage}"):
-        return tracking.log_stage(parent_id, stage, project, cfg, params, info, log_file)
-
-
-@contextmanager
-def _tracking_announced(what: str) -> Iterator[None]:
-    """A tracking error as a ``free.tracking`` event (a line of ``--watch``) when it happens, while a
-    stage may still run beside it; then raised as it was."""
-    try:
-        yield
-    except Exception as err:
-        error = f"{type(err).__name__}: {str(err)[:300]}"
-        text = f"tracking FAILED {what}: {error}; the run fails before its next step (a stage running now ends first)"
-        _announce("free.tracking", "free.tracking", text, {"free.tracking.outcome": "failed"})
-        raise
+    return tracking.log_stage(parent_id, stage, project, cfg, params, info, log_file)
 
 
 @task(retries=3, retry_delay_seconds=10, cache_policy=NO_CACHE)  # S3: network

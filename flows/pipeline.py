@@ -366,9 +366,8 @@ def full_pipeline(
         params = write_params(project, all_overrides, params_text)  # reports a bad composition, if any
         params_text = (project / "params.yaml").read_text()
         cfg = cfg or load_params(project / "params.yaml")  # None: raises what the environment got wrong
-        parent = _open(cfg, params, params_text, experiment, all_overrides, commit)
-        stages = _run_stages(project, cfg, params, parent)
-        parent_id = parent.result()
+        parent_id = _open(cfg, params, params_text, experiment, all_overrides, commit)
+        stages = _run_stages(project, cfg, params, parent_id)
     finally:
         if restore_params(project):
             logger.info("params.yaml: put back as the run found it")
@@ -498,50 +497,41 @@ def _preflight(project: Path, cfg: Config | None, push: bool) -> None:
     _announce("free.preflight", "free.preflight", "preflight: " + "; ".join(lines))
 
 
-def _run_stages(project: Path, cfg: Config, params: dict, parent: Any) -> list[dict[str, Any]]:
+def _run_stages(project: Path, cfg: Config, params: dict, parent_id: str) -> list[dict[str, Any]]:
     """Each stage, then its nested MLflow run; a failed stage gets a FAILED nested run with its output.
 
-    ``parent``: the future of :func:`open_tracking`. MLflow's work runs beside the stages (Prefect's task
-    runner: a thread): the parent run opens while the first stage runs, and each nested run is logged
-    while the next stage runs (or DVC checks it), after the one before it, so they keep the stages'
-    order. On a first run that took 0.6 s (the parent) and 1.0 s (four nested runs) off the critical
-    path; a no-op rerun's four took 0.65 s in a row before they ran beside each other. A tracking
-    failure fails the run before the next stage starts if it has happened by then, else once that
-    stage has ended (its outputs stay in DVC's cache: a rerun skips it, ``free register`` records it);
-    all are waited for before the registration, so a tracking outage still fails the run within
-    :data:`flows.tracking.HTTP_LIMITS`' bound of the step that met it."""
+    The nested run of a stage DVC skipped is logged beside the flow's next steps (Prefect's task
+    runner: a thread); those pending are waited for before a stage runs and at the end, so that a
+    tracking failure still fails the run before any more work (:data:`flows.tracking.HTTP_LIMITS`'s
+    bound) and the nested runs keep the stages' order. A no-op rerun's four took about 0.65 s in a row."""
     done: list[dict[str, Any]] = []
-    pending: list[Any] = [parent]  # the parent's future, then each track_stage's, each waiting for the one before
+    pending: list[Any] = []  # futures of track_stage, each waiting for the one before
     try:
         for stage in STAGES:
-            _raise_failed(pending)
             log_file = project / STAGE_LOGS / f"{stage}.log"
+            current = up_to_date(project, stage)
+            if not current:
+                _wait_all(pending)
             try:
-                info = run_stage(project, stage, up_to_date(project, stage))
+                info = run_stage(project, stage, current)
             except StageFailed:
                 failed = {"stage": stage, "ran": True, "outcome": "failed"}
-                after = pending[-1:]
-                track_stage(parent, stage, project, cfg, params, failed, log_file, wait_for=after, return_state=True)
+                track_stage(parent_id, stage, project, cfg, params, failed, log_file, return_state=True)
                 raise
-            pending.append(
-                track_stage.submit(parent, stage, project, cfg, params, info, log_file, wait_for=pending[-1:])
-            )
+            if current:
+                pending.append(
+                    track_stage.submit(parent_id, stage, project, cfg, params, info, log_file, wait_for=pending[-1:])
+                )
+            else:
+                track_stage(parent_id, stage, project, cfg, params, info, log_file)
             done.append(info)
         _wait_all(pending)
     except BaseException as err:
         for future in pending:
             future.wait()  # no nested run starts after its parent ended
-        if parent.state.is_completed():  # else no parent run to end: its error is the run's
-            tracking.finish(cfg, parent.result(), ended_status(err))
+        tracking.finish(cfg, parent_id, ended_status(err))
         raise
     return done
-
-
-def _raise_failed(futures: list[Any]) -> None:
-    """The error of the first of ``futures`` that has failed by now, if any (none waited for)."""
-    for future in futures:
-        if future.wrapped_future.done() and not future.state.is_completed():
-            future.result()
 
 
 def ended_status(err: BaseException) -> str:
@@ -564,8 +554,7 @@ def _wait_all(futures: list[Any]) -> None:
         futures.pop(0).result()
 
 
-def _open(cfg: Config, params: dict, params_text: str, experiment: str, overrides: list[str], commit: str) -> Any:
-    """The parent MLflow run, opened beside the first stage: the future of :func:`open_tracking`."""
+def _open(cfg: Config, params: dict, params_text: str, experiment: str, overrides: list[str], commit: str) -> str:
     flow_run = runtime.flow_run
     tags = {
         "mlflow.runName": f"full-pipeline {flow_run.name or ''}".strip(),
@@ -575,7 +564,7 @@ def _open(cfg: Config, params: dict, params_text: str, experiment: str, override
         "pipeline.overrides": " ".join(overrides),
         "git.commit": commit,
     }
-    return open_tracking.submit(cfg, params, tags, params_text)
+    return open_tracking(cfg, params, tags, params_text)
 
 
 def _report(

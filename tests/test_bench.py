@@ -529,3 +529,45 @@ def test_pipeline_reads_the_stages_own_clocks_and_the_time_outside_them() -> Non
     text = render({"runs": runs, "identical_metrics": True, "stack_up_seconds": 12.0})
     assert "| meta-training (free) | 62 | 60 |" in text
     assert "| **first run outside them** | **3.0** | **16.5** |" in text
+
+
+def test_group_cpu_charges_each_process_group_its_own_cpu_time() -> None:
+    """The stack's servers' CPU during a deployment run (free.bench.pipeline.group_cpu): a process group
+    that burns CPU is charged it, an idle one is not, and a group that no longer exists is charged 0."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from free.bench.pipeline import group_cpu
+
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(60)"
+    busy = subprocess.Popen([sys.executable, "-c", burn], start_new_session=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        before = group_cpu({"busy": busy.pid, "idle": idle.pid, "gone": 2**22 + 1})
+        deadline = time.monotonic() + 30
+        while group_cpu({"busy": busy.pid})["busy"] - before["busy"] < 0.55 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = group_cpu({"busy": busy.pid, "idle": idle.pid, "gone": 2**22 + 1})
+    finally:
+        for proc in (busy, idle):
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert 0.55 <= after["busy"] - before["busy"] < 1.5, (before, after)
+    assert after["idle"] - before["idle"] < 0.1 and after["gone"] == 0.0, (before, after)
+
+
+def test_pipeline_report_gives_the_servers_cpu_when_measured() -> None:
+    from free.bench.report import pipeline as render
+
+    part = {"seconds": 10.0, "cli_to_created": 1.0, "created_to_running": 1.0, "flow": 5.0,
+            "tasks": [["register", 1.0]], "untasked": 4.0, "after_end": 3.0}  # fmt: skip
+    runs = {"prefect": {"command": "/v/bin/prefect deployment run", "seconds": 10.0, "noop_seconds": 9.0,
+                        "breakdown": {"first": dict(part), "noop": dict(part)}}}  # fmt: skip
+    result = {"runs": runs, "identical_metrics": True, "stack_up_seconds": 12.0}
+    assert "CPU seconds" not in render(result)  # a bench from before it was measured
+    runs["prefect"]["breakdown"]["first"]["servers_cpu_seconds"] = {"prefect": 2.34, "mlflow": 0.5, "s3": 0.25}
+    runs["prefect"]["breakdown"]["noop"]["servers_cpu_seconds"] = {"prefect": 0.4, "mlflow": 0.1, "s3": 0.0}
+    assert ("CPU seconds the stack's servers used during the deployment's first run: prefect 2.3, mlflow 0.5, "
+            "s3 0.2; during the median no-op rerun: prefect 0.4, mlflow 0.1, s3 0.0.") in render(result)

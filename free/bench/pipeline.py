@@ -16,7 +16,9 @@ The metatest numbers of the three runs are recorded too; they must be identical.
 
 Each deployment run is also split into its parts, from the timestamps the Prefect API keeps
 (:func:`breakdown`): the CLI until the run exists, the wait until it runs (the worker's poll and
-the flow-run process's start and imports), each task, and the CLI after the run ended.
+the flow-run process's start and imports), each task, and the CLI after the run ended. And the CPU
+seconds the stack's servers (Prefect, MLflow, S3) used during the first run (:func:`group_cpu`):
+with the tiny preset's torch using both cores, what they use is taken from the stages.
 """
 
 from __future__ import annotations
@@ -120,6 +122,26 @@ def breakdown(api_url: str, cli_log: str, cli_started: float, cli_ended: float) 
         "untasked": round(ended - started - busy, 2),
         "after_end": round(cli_ended - ended, 2),
     }
+
+
+SERVERS = ("prefect", "mlflow", "s3")  # the stack's services whose CPU the deployment's first run is charged
+
+
+def group_cpu(pgids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the live processes of each named process group."""
+    import psutil
+
+    names = {pgid: name for name, pgid in pgids.items()}
+    totals = dict.fromkeys(pgids, 0.0)
+    for proc in psutil.process_iter():
+        try:
+            name = names.get(os.getpgid(proc.pid))
+            if name is not None:
+                times = proc.cpu_times()
+                totals[name] += times.user + times.system
+        except (psutil.Error, ProcessLookupError):
+            pass  # ended meanwhile
+    return totals
 
 
 def _load(before: float) -> dict[str, list[float]]:
@@ -264,11 +286,14 @@ def _deployment(
         say(f"prefect: prefect deployment run free/full-pipeline --watch (first run, then {_reruns(reruns)})")
         load = os.getloadavg()[0]
         done = []
+        services = stack._read_state(settings)["services"]
+        pgids = {name: services[name]["pgid"] for name in SERVERS}
         for log in [logs / "prefect.log", *(_rerun_log(logs, "prefect", i) for i in range(reruns))]:
-            cli_started = time.time()
+            cli_started, cpu_before = time.time(), group_cpu(pgids)
             seconds = _timed_command(argv, project, client, log)
             split = breakdown(settings.prefect_api_url, log.read_text(), cli_started, time.time())
-            done.append({"seconds": seconds, **split})
+            cpu = {name: round(used - cpu_before[name], 2) for name, used in group_cpu(pgids).items()}
+            done.append({"seconds": seconds, **split, "servers_cpu_seconds": cpu})
             if len(done) == 1:  # the stages' output of the first run, before a rerun's "skipped" replaces it
                 stage_logs = project / ".dvc" / "tmp" / "free-stage-logs"
                 shutil.copytree(stage_logs, logs / "prefect-stages")

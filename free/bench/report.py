@@ -204,7 +204,14 @@ def pipeline(result: dict[str, Any]) -> str:
     if clocks:
         lines += ["", *pipeline_clocks(result["runs"], clocks)]
     parts = result["runs"].get("prefect", {}).get("breakdown")
-    return "\n".join(lines + (["", *pipeline_breakdown(parts)] if parts else []))
+    if parts:
+        lines += ["", *pipeline_breakdown(parts)]
+        cpu = {kind: parts[kind].get("servers_cpu_seconds") for kind in ("first", "noop")}
+        if all(cpu.values()):  # benches from before it was measured have none
+            each = {kind: ", ".join(f"{name} {s:.1f}" for name, s in used.items()) for kind, used in cpu.items()}
+            lines += ["", f"CPU seconds the stack's servers used during the deployment's first run: {each['first']}; "
+                          f"during the median no-op rerun: {each['noop']}."]  # fmt: skip
+    return "\n".join(lines)
 
 
 def pipeline_clocks(runs: dict[str, dict[str, Any]], clocks: dict[str, dict[str, int]]) -> list[str]:

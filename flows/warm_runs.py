@@ -65,8 +65,8 @@ FORKSERVER_MARK = "multiprocessing.forkserver"  # in the forkserver's command li
 def install() -> None:
     """From now on this process's runner forks its flow runs from a forkserver that imported
     :data:`PRELOAD`, then :data:`WARM_UP`. The forkserver starts now and imports in the background (a
-    run that comes before it is done waits for it). Call it in the worker only: multiprocessing has one forkserver per
-    process, and this one's preloads are the flow runs'."""
+    run that comes before it is done waits for it). Call it in the worker only: multiprocessing has
+    one forkserver per process, and this one's preloads are the flow runs'."""
     import prefect.runner._starter_engine as starter
 
     multiprocessing.set_forkserver_preload([*PRELOAD, *WARM_UP])

@@ -9,7 +9,7 @@ the work, so that every flow run forked afterwards inherits the result:
   37 000 here). ``mlflow.pyfunc.log_model`` builds it once per process to check the model's pip
   requirements against this environment (a warning only), so the registration of every first run
   paid it: 0.9 s on one core (2.4 s under a profiler), against 0.7 s for the rest of ``log_model``
-  (``/tmp`` probe of 2026-12-01, docs/RESULTS.md §4).
+  (profiled 2026-12-01: docs/RESULTS.md §4, "The registration").
 
 Like the preloaded libraries, what it computes describes the environment as the worker found it:
 restart the worker after installing or upgrading a library (the README says so). It reaches into

@@ -16,9 +16,9 @@ The metatest numbers of the three runs are recorded too; they must be identical.
 
 Each deployment run is also split into its parts, from the timestamps the Prefect API keeps
 (:func:`breakdown`): the CLI until the run exists, the wait until it runs (the worker's poll and
-the flow-run process's start and imports), each task, and the CLI after the run ended. And the CPU
-seconds the stack's servers (Prefect, MLflow, S3) used during the first run (:func:`group_cpu`):
-with the tiny preset's torch using both cores, what they use is taken from the stages.
+the flow-run process's start and imports), each task, and the CLI after the run ended; and the CPU
+seconds the stack's servers (Prefect, MLflow, S3) used meanwhile (:func:`group_cpu`): with the tiny
+preset's torch using both cores, what they use is taken from the stages.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def breakdown(api_url: str, cli_log: str, cli_started: float, cli_ended: float) 
     }
 
 
-SERVERS = ("prefect", "mlflow", "s3")  # the stack's services whose CPU the deployment's first run is charged
+SERVERS = ("prefect", "mlflow", "s3")  # the stack's services whose CPU is counted during each deployment run
 
 
 def group_cpu(pgids: dict[str, int]) -> dict[str, float]:

@@ -52,3 +52,29 @@ def finish_as_interpreter() -> None:
     multiprocessing ends its children with ``os._exit``, which skips both."""
     threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
+
+
+def mark_environ(name: str, value: str) -> bool:
+    """Make ``/proc/<pid>/environ`` of this process, and of every process forked from it later, read
+    ``name=value``. Returns whether it could.
+
+    That file is the environment block the process was exec'd with, whatever ``os.environ`` says now:
+    a process forked from a forkserver shows its forkserver's, and nothing it sets there shows. Recovery
+    finds a flow run's processes by ``$FREE_FLOW_RUN_ID`` in it (:func:`flows.recovery.run_processes`).
+    So the block itself is overwritten, in place, with the one variable (the rest zeroed). Call it only
+    after ``os.environ`` was replaced as a whole (``clear()`` then ``update()``): the C library's
+    environment then lives in copies of its own, and nothing reads the old block any more."""
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[50 - 3]), int(fields[51 - 3])  # env_start, env_end (proc(5): fields 50, 51)
+    except (OSError, IndexError, ValueError):
+        return False
+    text = f"{name}={value}".encode() + b"\0"
+    if not start or end - start < len(text):
+        return False
+    ctypes.memset(start, 0, end - start)
+    ctypes.memmove(start, text, len(text))
+    return True

@@ -89,15 +89,62 @@ def _prefix_of(executable: str, cwd: str, env_keys: tuple[str, ...]) -> str | No
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def fork_forkserver() -> bool:
+    """Fork the stages' forkserver from this process, which must have one thread only (a flow run's
+    process as :mod:`flows.warm_runs` starts it, before Prefect's engine), and make it multiprocessing's
+    forkserver here. Returns whether it did (False: no torch here yet, or the fork failed; then
+    :func:`start_warm` spawns one as before).
+
+    A flow run forked from the worker's forkserver has torch and ``torch._dynamo`` loaded already, so
+    the forkserver forked from it imports only the stages (the ``free`` modules of :data:`PRELOAD`,
+    fresh from disk, 0.6 s) where a spawned one imported everything again (3-5 s, which the first stage
+    waited for). Like a spawned one it serves this process only and ends with it (its end of the
+    "alive" pipe). Python's forkserver takes the listening socket and that pipe; this replaces the
+    spawn in ``ForkServer.ensure_running`` (Python 3.11) and leaves the rest to multiprocessing."""
+    import socket
+    from multiprocessing import connection, forkserver
+
+    if "torch._dynamo" not in sys.modules or threading.active_count() != 1:
+        return False
+    modules = [name for name in PRELOAD if name.startswith("free")]
+    address = connection.arbitrary_address("AF_UNIX")
+    try:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(address)
+        os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return False
+    if pid == 0:  # the forkserver: it ends when every holder of alive_w (this process) has
+        code = 0
+        try:
+            os.close(alive_w)
+            set_title(f"{sys.executable} -c from multiprocessing.forkserver import main; main()")  # as a spawned one
+            forkserver.main(listener.fileno(), alive_r, modules)
+        except BaseException:  # noqa: BLE001 (a child must not return into its parent's code)
+            code = 1
+        finally:
+            os._exit(code)
+    listener.close()
+    os.close(alive_r)
+    server = forkserver._forkserver
+    server._forkserver_address, server._forkserver_alive_fd, server._forkserver_pid = address, alive_w, pid
+    server._preload_modules = list(PRELOAD)
+    return True
+
+
 def start_warm() -> None:
     """Start the forkserver with :data:`PRELOAD` (it imports in the background; the first stage waits
     for it), and import torch and ``torch._dynamo`` in this process too, in a thread, on the core that
     the forkserver's imports leave idle: the flow's registration loads the model to check MLflow's
-    input example, and paid 2.4 s for these imports then. Once per process; later calls do nothing."""
+    input example, and paid 2.4 s for these imports then. Once per process; later calls do nothing.
+    A forkserver that :func:`fork_forkserver` forked is used as it is."""
     from multiprocessing import forkserver
 
     global _warming
-    if _warming is None:
+    if _warming is None and "torch._dynamo" not in sys.modules:  # a flow run forked warm has them
         _warming = threading.Thread(target=_import, args=(PRELOAD[:2],), name="free-import-torch", daemon=True)
         _warming.start()
     multiprocessing.set_forkserver_preload(list(PRELOAD))

@@ -34,7 +34,7 @@ from typing import Any
 
 import anyio
 
-from flows.forking import finish_as_interpreter, main_unnamed, set_title
+from flows.forking import finish_as_interpreter, main_unnamed, mark_environ, set_title
 
 # Third-party libraries a flow run of the pipeline imports (5.7 s on one core; the project's own
 # modules on top of them take 0.1 s and stay fresh). torch: the registration loads the model; s3fs: the
@@ -117,6 +117,26 @@ def _start(process: Any) -> None:
         process.start()
 
 
+RUN_ID_ENV = "PREFECT__FLOW_RUN_ID"  # set by Prefect's runner in the engine command's environment
+
+
+def _mark_and_fork_stages(flow_run_id: str | None) -> None:
+    """In the forked flow-run process, still with one thread: mark it and what it starts as the run's
+    (``/proc/<pid>/environ`` shows the forkserver's block, not ``os.environ``: :func:`flows.forking.
+    mark_environ`), then fork the stages' forkserver from it, torch already loaded
+    (:func:`flows.stage_process.fork_forkserver`). Either can fail quietly: recovery then finds the
+    run by what ``os.environ`` gives its later children, and the stages' forkserver is spawned."""
+    from flows import recovery, stage_process
+
+    if flow_run_id:
+        os.environ[recovery.RUN_ENV] = flow_run_id
+        mark_environ(recovery.RUN_ENV, flow_run_id)
+    try:
+        stage_process.fork_forkserver()
+    except Exception:  # noqa: BLE001 (the first stage spawns one, as before)
+        pass
+
+
 def _engine_main(module: str, env: dict[str, str], cwd: Any, title: str) -> None:
     """The forked flow-run process: what ``python -m <module>`` (Prefect's engine) is, in ``cwd`` with ``env``."""
     set_title(title)  # before os.environ changes
@@ -125,6 +145,7 @@ def _engine_main(module: str, env: dict[str, str], cwd: Any, title: str) -> None
     os.environ.clear()
     os.environ.update(env)
     sys.argv = [sys.executable]
+    _mark_and_fork_stages(env.get(RUN_ID_ENV))
     from prefect.context import SettingsContext, get_settings_context
     from prefect.settings import Settings
 

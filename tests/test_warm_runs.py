@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -175,3 +176,76 @@ def test_a_run_forked_under_a_serve_worker_is_its_workers_until_that_worker_dies
         stop_session(worker)
         if group_members(worker.pid):
             os.killpg(worker.pid, signal.SIGKILL)
+
+
+MARKED = """\
+import ctypes, json, os, sys
+
+import psutil
+
+from flows.forking import mark_environ
+
+os.environ.clear()
+os.environ.update({"PATH": "/bin:/usr/bin", "PROBE": "kept"})
+assert mark_environ("FREE_FLOW_RUN_ID", "run-123")
+libc = ctypes.CDLL(None)
+libc.getenv.restype = ctypes.c_char_p
+pid = os.fork()
+if pid == 0:
+    import time
+    time.sleep(30)
+    os._exit(0)
+seen = {"self": psutil.Process().environ(), "child": psutil.Process(pid).environ(),
+        "getenv": libc.getenv(b"PROBE").decode(), "os": os.environ["PROBE"]}
+os.kill(pid, 9)
+print(json.dumps(seen))
+"""
+
+
+def test_the_run_marker_shows_in_proc_environ_of_the_process_and_its_forks() -> None:
+    """A process forked from a forkserver shows that forkserver's exec-time environment in /proc, where
+    recovery looks for ``$FREE_FLOW_RUN_ID``: :func:`flows.forking.mark_environ` rewrites that block,
+    and the process's own environment (C and Python) stays what ``os.environ`` holds."""
+    done = subprocess.run([sys.executable, "-c", MARKED], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["self"] == seen["child"] == {"FREE_FLOW_RUN_ID": "run-123"}, seen
+    assert seen["getenv"] == seen["os"] == "kept", seen
+
+
+FORKED_SERVER = """\
+import json, os, sys
+
+import psutil
+import torch._dynamo  # noqa: F401  (what a flow run forked from the worker's forkserver has)
+
+from flows import stage_process
+
+before = set(sys.modules)
+assert stage_process.fork_forkserver()
+server = psutil.Process().children()[0]
+lines = []
+code = stage_process.run_forked(["--help"], os.getcwd(), dict(os.environ), lines.append)
+print(json.dumps({"code": code, "out": "".join(lines)[:400], "server_parent": server.ppid(), "me": os.getpid(),
+                  "server_title": " ".join(server.cmdline()), "server": server.pid,
+                  "torch_imported_here_after": "torch" in set(sys.modules) - before}))
+"""
+
+
+def test_the_stages_forkserver_forked_from_a_warm_process_runs_a_stage_command_and_ends_with_it() -> None:
+    """:func:`flows.stage_process.fork_forkserver` in a process with torch loaded (as a flow run forked
+    from the worker's forkserver): the forkserver is its child, a ``free`` command runs forked from it
+    (exit code and output through the pipe), and it ends once the process that forked it has."""
+    done = subprocess.run([sys.executable, "-c", FORKED_SERVER], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0 and "Usage" in seen["out"], seen
+    assert seen["server_parent"] == seen["me"], seen
+    assert "multiprocessing.forkserver" in seen["server_title"], seen
+    assert not seen["torch_imported_here_after"], seen
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(seen["server"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = psutil.pid_exists(seen["server"]) and psutil.Process(seen["server"]).status() != psutil.STATUS_ZOMBIE
+    assert not alive, "the forked forkserver outlived the process that forked it"

@@ -12,7 +12,8 @@ Here instead:
   the locks meanwhile (DVC releases its repository lock while the command runs, as in the command);
 * the stage command, when it is ``<python> -m free ARGS`` for this very environment (dvc.yaml's
   ``bin/project-python -m free ...``), runs in a process forked from Python's forkserver, which
-  imported torch and the stages once per flow run (:data:`PRELOAD`); a fresh process per stage, as
+  imported torch and the stages once per flow run (:data:`PRELOAD`; under the worker, forked from the
+  run's process as it starts, torch loaded: :func:`fork_forkserver`); a fresh process per stage, as
   under DVC, so a stage that dies (OOM, a signal) fails its stage, not the flow. Any other command
   runs as DVC runs it: ``$SHELL -c <cmd>``.
 

@@ -124,6 +124,8 @@ def fork_forkserver() -> bool:
             os.close(alive_w)
             set_title(f"{sys.executable} -c from multiprocessing.forkserver import main; main()")  # as a spawned one
             forkserver.main(listener.fileno(), alive_r, modules)
+        except SystemExit:  # how it ends once this process has: the "alive" pipe at EOF
+            pass
         except BaseException:  # noqa: BLE001 (a child must not return into its parent's code)
             code = 1
         finally:

@@ -571,3 +571,20 @@ def test_pipeline_report_gives_the_servers_cpu_when_measured() -> None:
     runs["prefect"]["breakdown"]["noop"]["servers_cpu_seconds"] = {"prefect": 0.4, "mlflow": 0.1, "s3": 0.0}
     assert ("CPU seconds the stack's servers used during the deployment's first run: prefect 2.3, mlflow 0.5, "
             "s3 0.2; during the median no-op rerun: prefect 0.4, mlflow 0.1, s3 0.0.") in render(result)
+
+
+def test_fanout_report_and_plot_show_each_runner_and_flag_different_files(tmp_path: Path) -> None:
+    from free.bench.fanout import plot
+    from free.bench.report import fanout as render
+
+    def row(runner: str, wall: float, stage: float | None, identical: bool = True) -> dict:
+        return {"runner": runner, "wall_seconds": wall, "stage_seconds": stage, "teachers": 4,
+                "identical": identical, "load_before": 0.5, "load_after": 1.25}  # fmt: skip
+
+    result = {"overrides": ["experiment=tiny"], "workers": [2], "cpu_count": 2,
+              "rows": [row("local", 11.31, 7.5), row("dask-2", 35.0, None, identical=False)]}  # fmt: skip
+    table = render(result)
+    assert "The teacher stage with `experiment=tiny` on 2 CPUs" in table
+    assert "| local | 11.31 | 7.50 | 1.88 | 4 | yes | 0.50 → 1.25 |" in table
+    assert "| dask-2 | 35.00 | — | — | 4 | **no** | 0.50 → 1.25 |" in table  # no summary: nothing made up
+    assert plot(result, tmp_path / "fanout.json").is_file()

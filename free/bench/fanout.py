@@ -60,15 +60,20 @@ def run(
     return {"overrides": overrides, "workers": workers, "cpu_count": os.cpu_count(), "rows": rows}
 
 
-def table(result: dict[str, Any]) -> str:
-    """The rows as a plain-text table."""
-    lines = ["runner     wall s  stage s  identical  load before/after"]
-    for r in result["rows"]:
-        lines.append(
-            f"{r['runner']:<9} {r['wall_seconds']:>7} {r['stage_seconds']!s:>8}  {r['identical']!s:<9}  "
-            f"{r['load_before']}/{r['load_after']}"
-        )
-    return "\n".join(lines)
+def plot(result: dict[str, Any], json_path: Path) -> Path:
+    """Wall time and the stage's own time per runner."""
+    from free.bench.common import pyplot, savefig
+
+    plt = pyplot()
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["wall_seconds"] for r in rows], width=0.4, label="wall (command)")
+    ax.bar([x + 0.2 for x in xs], [r["stage_seconds"] or 0 for r in rows], width=0.4, label="in the stage")
+    ax.set_xticks(list(xs), [r["runner"] for r in rows])
+    ax.set(ylabel="seconds", title=f"teacher stage: {' '.join(result['overrides'])}, {result['cpu_count']} CPUs")
+    ax.legend()
+    return savefig(fig, json_path)
 
 
 def _free(args: list[str]) -> dict[str, Any]:

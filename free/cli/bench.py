@@ -283,17 +283,12 @@ def bench_units(
 def bench_fanout(
     overrides: Overrides = None,
     workers: Annotated[str, typer.Option(help="Comma-separated LocalCluster sizes to time runner=dask at.")] = "1,2",
-    out_file: Annotated[
-        Path, typer.Option("--out", help="Result JSON (work folder: the numbers are recorded by hand).")
-    ] = BENCH_WORK / "fanout.json",
+    out_file: BenchOut = None,
 ) -> None:
     """Wall time of the teacher stage with runner=local vs runner=dask at each --workers (each from nothing)."""
     from free.bench import fanout
-    from free.bench.common import write_result
 
     sizes = [int(w) for w in workers.split(",") if w.strip()]
     given = [o for o in (overrides or []) if override_key(o) != "paths.artifacts_dir"]
     result = fanout.run(given or ["experiment=tiny"], sizes, BENCH_WORK / "fanout", say=lambda m: out.print(m))
-    path = write_result("fanout", result, out_file, _bench_command())
-    out.print(fanout.table(result), highlight=False, markup=False)
-    out.print(f"wrote {path}", highlight=False)
+    _bench_done("fanout", result, out_file, fanout.plot)

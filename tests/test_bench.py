@@ -583,8 +583,10 @@ def test_fanout_report_and_plot_show_each_runner_and_flag_different_files(tmp_pa
 
     result = {"overrides": ["experiment=tiny"], "workers": [2], "cpu_count": 2,
               "rows": [row("local", 11.31, 7.5), row("dask-2", 35.0, None, identical=False)]}  # fmt: skip
+    result["rows"].append({**row("dask-1", 45.0, 40.0), "tasks_seconds": 12.5})
     table = render(result)
     assert "The teacher stage with `experiment=tiny` on 2 CPUs" in table
-    assert "| local | 11.31 | 7.50 | 1.88 | 4 | yes | 0.50 → 1.25 |" in table
-    assert "| dask-2 | 35.00 | — | — | 4 | **no** | 0.50 → 1.25 |" in table  # no summary: nothing made up
+    assert "| local | 11.31 | 7.50 | 1.88 | — | 4 | yes | 0.50 → 1.25 |" in table
+    assert "| dask-2 | 35.00 | — | — | — | 4 | **no** | 0.50 → 1.25 |" in table
+    assert "| dask-1 | 45.00 | 40.00 | 10.00 | 12.50 | 4 | yes | 0.50 → 1.25 |" in table  # no summary: nothing made up
     assert plot(result, tmp_path / "fanout.json").is_file()

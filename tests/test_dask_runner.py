@@ -8,6 +8,7 @@ state goes to a private PREFECT_HOME shared by this module's tests (its database
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -98,9 +99,12 @@ def test_dask_teachers_are_byte_identical_to_local(
 ) -> None:
     local, dask = with_data(built, tmp_path / "local"), with_data(built, tmp_path / "dask")
     ok(free("teachers", local, omniglot, prefect_home))
-    output = ok(free("teachers", dask, omniglot, prefect_home, *DASK))
+    done = free("teachers", dask, omniglot, prefect_home, *DASK)
+    output = ok(done)
 
     assert all(f"Task run 'teacher-{i}'" in output for i in range(3)), output[-3000:]  # one mapped task each
+    summary = json.loads(done.stdout[("\n" + done.stdout).rindex("\n{") :])  # the stage's summary, printed last
+    assert 0 < summary["tasks_seconds"] < summary["seconds"] and summary["trained"] == 3, summary
     expected = digests(local / "teachers")
     assert {f"teacher_{i:03d}.safetensors" for i in range(3)} <= expected.keys()
     assert digests(dask / "teachers") == expected  # weights, cards, zoo.json and the done marker

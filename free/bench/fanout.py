@@ -50,6 +50,7 @@ def run(
             "runner": name,
             "wall_seconds": round(wall, 2),
             "stage_seconds": summary.get("seconds"),
+            "tasks_seconds": summary.get("tasks_seconds"),  # dask: the tasks' own time, summed
             "teachers": summary.get("n_teachers"),
             "identical": digests == reference,
             "load_before": round(load_before, 2),

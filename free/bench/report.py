@@ -348,16 +348,16 @@ def fanout(result: dict[str, Any]) -> str:
         f"The teacher stage with `{' '.join(result['overrides'])}` on {result['cpu_count']} CPUs, each runner "
         "training the whole zoo from nothing:",
         "",
-        "| runner | wall (s) | in the stage (s) | stage ÷ teachers (s) | teachers | same files as local | "
-        "load before → after |",
-        "|---|---|---|---|---|---|---|",
+        "| runner | wall (s) | in the stage (s) | stage ÷ teachers (s) | the tasks' own, summed (s) | teachers | "
+        "same files as local | load before → after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         stage = r["stage_seconds"]  # None: the stage printed no summary
         per = _num(stage / r["teachers"]) if stage is not None and r["teachers"] else "—"
         lines.append(
             f"| {r['runner']} | {r['wall_seconds']:.2f} | {'—' if stage is None else _num(stage)} | {per} | "
-            f"{r['teachers']} | "
+            f"{'—' if r.get('tasks_seconds') is None else _num(r['tasks_seconds'])} | {r['teachers']} | "
             f"{'yes' if r['identical'] else '**no**'} | {r['load_before']:.2f} → {r['load_after']:.2f} |"
         )
     return "\n".join(lines)

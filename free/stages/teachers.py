@@ -103,9 +103,9 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
     t = cfg.teachers
     split = load_splits(cfg.dataset, cfg.paths.cache_dir)["train"]  # teachers only see meta-train classes
     subsets = sample_class_subsets(split.n_classes, t.n_teachers, t.n_way, cfg.seed)
-    cards, trained, started = [], 0, time.perf_counter()
+    cards, trained, started, on_dask = [], 0, time.perf_counter(), {}
     if cfg.runner.name == "dask":
-        cards, trained = _train_on_dask(cfg, out, teacher_fp)
+        cards, trained, on_dask = _train_on_dask(cfg, out, teacher_fp)
     else:
         indices: Any = range(t.n_teachers)
         if progress is not None:
@@ -125,6 +125,7 @@ def run(cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
         "reused": len(cards) - trained,
         "seconds": round(seconds, 2),
         "seconds_per_teacher": round(seconds / trained, 2) if trained else None,
+        **on_dask,
         "dir": str(out),
     }
 
@@ -228,8 +229,10 @@ def train_into(cfg: Config, index: int, out: Path, teacher_fp: str, threads: int
     return {"index": index, "trained": True, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _train_on_dask(cfg: Config, out: Path, teacher_fp: str) -> tuple[list[dict[str, Any]], int]:
-    """Every teacher as a mapped Prefect task on Dask; then the cards, checked here as a rerun would."""
+def _train_on_dask(cfg: Config, out: Path, teacher_fp: str) -> tuple[list[dict[str, Any]], int, dict[str, float]]:
+    """Every teacher as a mapped Prefect task on Dask; then the cards, checked here as a rerun would, the
+    number trained, and ``tasks_seconds``: the tasks' own time summed (the stage's ``seconds`` less it, per
+    worker, is what Prefect and Dask added: servers, cluster, workers' imports)."""
     from flows.fanout import train_teachers  # Prefect and Dask live in flows/, loaded for this runner only
 
     outcomes = train_teachers(cfg, out.resolve(), teacher_fp, torch.get_num_threads())
@@ -241,7 +244,8 @@ def _train_on_dask(cfg: Config, out: Path, teacher_fp: str) -> tuple[list[dict[s
             "not match their cards; with runner.address, every worker must write into this same folder "
             "(a filesystem shared with this machine)"
         )
-    return [c for c in cards if c is not None], sum(o["trained"] for o in outcomes)
+    tasks_seconds = round(sum(o["seconds"] for o in outcomes), 2)
+    return [c for c in cards if c is not None], sum(o["trained"] for o in outcomes), {"tasks_seconds": tasks_seconds}
 
 
 def _reusable_card(out: Path, index: int, teacher_fp: str) -> dict[str, Any] | None:

@@ -68,6 +68,8 @@ bench: setup  ## all benchmarks as in docs/RESULTS.md -> benchmarks/results/*.js
 	$(BIN)/python benchmarks/stack_idle_cpu.py
 	$(BIN)/free bench accuracy experiment=tiny evaluate.episodes=100 --seeds 1
 	$(BIN)/free bench units experiment=mini_imagenet
+	$(BIN)/free bench fanout experiment=tiny --workers 1,2
+	$(BIN)/free bench fanout experiment=tiny threads=1 teachers.n_teachers=8 --workers 1,2 --out benchmarks/results/fanout_threads1.json
 
 lint: setup  ## ruff only
 	$(BIN)/ruff check .

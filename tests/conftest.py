@@ -15,6 +15,12 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `make test` runs two pytest workers, so two tests' torch processes can share the 2 cores. OpenMP's
+# default spin-waiting then lets one process's idle threads starve the other's (10x slower, measured
+# with two Dask workers: flows/fanout.py). Passive waiting changes no number, only who waits how; set
+# before any test imports torch, and inherited by every process a test starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:

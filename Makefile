@@ -51,7 +51,7 @@ repro: setup  ## dvc repro (stages run bin/project-python: this project's .venv 
 
 # Two pytest workers, each taking whole test modules (--dist loadfile): a module's stack fixture starts
 # once, in one worker. Much of a serial run waits (servers starting, flow runs polling); two workers
-# kept the 2 cores 86% busy and took 18 min 13 s against 29 min 38 s serial (README, Development).
+# kept the 2 cores 87% busy and took 18 min 5 s against 29 min 38 s serial (README, Development).
 PYTEST_WORKERS ?= 2
 test: setup  ## lint + default test suite (slow tests excluded)
 	$(BIN)/ruff check .

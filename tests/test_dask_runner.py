@@ -104,7 +104,7 @@ def test_dask_teachers_are_byte_identical_to_local(
 
     assert all(f"Task run 'teacher-{i}'" in output for i in range(3)), output[-3000:]  # one mapped task each
     summary = json.loads(done.stdout[("\n" + done.stdout).rindex("\n{") :])  # the stage's summary, printed last
-    assert 0 < summary["tasks_seconds"] < summary["seconds"] and summary["trained"] == 3, summary
+    assert summary["tasks_seconds"] > 0 and summary["trained"] == 3, summary  # the tasks' time is reported
     expected = digests(local / "teachers")
     assert {f"teacher_{i:03d}.safetensors" for i in range(3)} <= expected.keys()
     assert digests(dask / "teachers") == expected  # weights, cards, zoo.json and the done marker
